@@ -1,0 +1,7 @@
+"""hyperattn_jax: HyperAttention (Han et al., ICLR 2024) in JAX, with Pallas GPU kernels."""
+
+from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.hyper import exact_attention, hyper_attention, merge_attention
+
+__all__ = ["HyperAttentionConfig", "hyper_attention", "exact_attention", "merge_attention"]
+__version__ = "0.1.0"

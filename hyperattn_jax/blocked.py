@@ -1,0 +1,79 @@
+"""The blocked stage of HyperAttention in plain JAX (XLA): block-diagonal + sampled residual.
+
+This is the computation the Pallas kernels in ``pallas_kernels/`` replace, and the reference
+they are tested against. One softmax over the concatenation of
+
+  * the query's own sorted key block (``block_size`` keys), and
+  * the shared sampled keys (``sample_size`` keys), each carrying the log-weight
+    ``log(n_valid / sample_size)`` and masked when it lies in the query's own block,
+
+is exactly the log-sum-exp merge of the two parts.
+
+Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` query rows each):
+  qs       ``[batch, kv_heads, group, nb * qb, head_dim]``  sorted queries
+  ks, vs   ``[batch, kv_heads, nb * block_size, head_dim]``  sorted keys; position >= n_valid
+           is invalid (invalid keys are sorted last)
+  k_samp, v_samp ``[batch, kv_heads, sample_size, head_dim]`` sampled keys
+  samp_pos ``[batch, kv_heads, sample_size]`` int32 sorted positions of the samples
+  n_valid  ``[batch]`` int32 valid keys; log_weight ``[batch]`` float32
+  returns out like qs (qs.dtype) and lse ``[batch, kv_heads, group, nb * qb]`` float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["blocked_attention_xla", "softmax_out_lse"]
+
+_NEG_INF = float("-inf")
+
+
+def softmax_out_lse(logits: jax.Array, values_fn) -> tuple[jax.Array, jax.Array]:
+  """Normalised output and LSE of masked (``-inf``) fp32 logits; empty rows give 0 and -inf.
+
+  ``values_fn(p)`` contracts the unnormalised probabilities with the values.
+  """
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  m = jnp.where(m == _NEG_INF, 0.0, m)
+  p = jnp.exp(logits - m[..., None])
+  l = jnp.sum(p, axis=-1)
+  has = l > 0
+  l_safe = jnp.where(has, l, 1.0)
+  out = jnp.where(has[..., None], values_fn(p) / l_safe[..., None], 0.0)
+  lse = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)
+  return out, lse
+
+
+def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, *,
+                          scale: float, block_size: int):
+  """See the module docstring for shapes."""
+  b, kh, g, tq, h = qs.shape
+  nb = ks.shape[2] // block_size
+  qb = tq // nb
+  # [b, k, nb, g * qb, h]: the g query heads of a kv head share its key block (one matmul).
+  q5 = qs.reshape(b, kh, g, nb, qb, h).transpose(0, 1, 3, 2, 4, 5).reshape(b, kh, nb, g * qb, h)
+  kb = ks.reshape(b, kh, nb, block_size, h)
+  vb = vs.reshape(b, kh, nb, block_size, h)
+
+  s_blk = jnp.einsum("bknqh,bknsh->bknqs", q5, kb, preferred_element_type=jnp.float32) * scale
+  key_pos = jnp.arange(nb * block_size, dtype=jnp.int32).reshape(nb, block_size)
+  blk_valid = key_pos[None] < n_valid[:, None, None]                      # [b, nb, bs]
+  s_blk = jnp.where(blk_valid[:, None, :, None, :], s_blk, _NEG_INF)
+
+  s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=jnp.float32)
+  s_smp = s_smp * scale + log_weight[:, None, None, None, None]
+  own_block = (samp_pos // block_size)[:, :, None, :] == jnp.arange(nb)[None, None, :, None]
+  s_smp = jnp.where(own_block[:, :, :, None, :], _NEG_INF, s_smp)         # [b, k, nb, 1, m]
+
+  def values(p):
+    p_blk, p_smp = p[..., :block_size], p[..., block_size:]
+    return (jnp.einsum("bknqs,bknsh->bknqh", p_blk.astype(vs.dtype), vb,
+                       preferred_element_type=jnp.float32) +
+            jnp.einsum("bknqm,bkmh->bknqh", p_smp.astype(v_samp.dtype), v_samp,
+                       preferred_element_type=jnp.float32))
+
+  out, lse = softmax_out_lse(jnp.concatenate([s_blk, s_smp], axis=-1), values)
+  out = out.reshape(b, kh, nb, g, qb, h).transpose(0, 1, 3, 2, 4, 5).reshape(b, kh, g, tq, h)
+  lse = lse.reshape(b, kh, nb, g, qb).transpose(0, 1, 3, 2, 4).reshape(b, kh, g, tq)
+  return out.astype(qs.dtype), lse

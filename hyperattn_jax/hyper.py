@@ -1,0 +1,317 @@
+"""HyperAttention (Han et al., ICLR 2024), its stages top to bottom, and exact attention.
+
+Public layout ``[batch, seq, heads, head_dim]`` (as ``jax.nn.dot_product_attention``); the
+stages work heads-major and grouped for GQA: q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]``.
+
+Non-causal (``_hyper_noncausal``):
+  0. draw the LSH hyperplanes and the samples from ``rng``;
+  1. sortLSH: hash q and k, stable-sort both by Gray rank of the bucket (invalid keys last);
+  2+3. blocked stage: the i-th sorted query block attends to the i-th sorted key block and to
+     the shared uniform samples (reweighted, own-block samples masked), in one softmax
+     (``blocked.py`` in XLA, ``pallas_kernels`` on GPU);
+  4. unsort the rows.
+Causal (``_hyper_causal``): exact causal attention on the ``2**L`` diagonal base blocks, then for
+each recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched, through the
+non-causal algorithm; every part is merged into the running (out, lse) by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from hyperattn_jax import checks
+from hyperattn_jax import lsh
+from hyperattn_jax.blocked import blocked_attention_xla
+from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.exact import flash_attention_grouped
+
+__all__ = ["hyper_attention", "exact_attention", "merge_attention"]
+
+_NEG_INF = float("-inf")
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def _to_grouped(q, k, v, kv_heads):
+  """``[B, T, N, H]`` -> q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]`` (no K/V repetition)."""
+  b, tq, nq, h = q.shape
+  qg = q.reshape(b, tq, kv_heads, nq // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _from_grouped(out, lse):
+  """out ``[B, Nkv, G, T, H]`` -> ``[B, T, N, H]``; lse ``[B, Nkv, G, T]`` -> ``[B, N, T]``."""
+  b, kh, g, t, h = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h), lse.reshape(b, kh * g, t)
+
+
+def merge_attention(out1, lse1, out2, lse2):
+  """Log-sum-exp merge of two attentions over disjoint key sets.
+
+  out ``[..., T, N, H]`` with lse ``[..., N, T]`` (the public layouts). Rows empty in both parts
+  stay ``0`` / ``-inf``.
+  """
+  # Written out (not jnp.logaddexp) so that rows empty in both parts get finite gradients.
+  top = jax.lax.stop_gradient(jnp.maximum(lse1, lse2))
+  top = jnp.where(top == _NEG_INF, 0.0, top)
+  e1, e2 = jnp.exp(lse1 - top), jnp.exp(lse2 - top)
+  total = e1 + e2
+  has = total > 0
+  total_safe = jnp.where(has, total, 1.0)
+  lse = jnp.where(has, top + jnp.log(total_safe), _NEG_INF)
+  w1, w2 = e1 / total_safe, e2 / total_safe
+  to_rows = lambda w: jnp.swapaxes(w, -1, -2)[..., None]
+  out = out1.astype(jnp.float32) * to_rows(w1) + out2.astype(jnp.float32) * to_rows(w2)
+  return out.astype(out1.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact attention (base case of the recursion and the exact baseline)
+
+
+def _exact_grouped(q, k, v, key_mask, causal, scale, config):
+  """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
+  b, tk, kh = k.shape[0], k.shape[1], k.shape[2]
+  if key_mask is None:
+    key_mask = jnp.ones((b, tk), jnp.bool_)
+  qg, kg, vg = _to_grouped(q, k, v, kh)
+  out, lse = flash_attention_grouped(qg, kg, vg, key_mask, causal, scale,
+                                     config.exact_chunk_size)
+  return _from_grouped(out, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-causal HyperAttention
+
+
+def _blocked_stage(implementation):
+  if implementation == "pallas":
+    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
+    return blocked_attention_pallas
+  return blocked_attention_xla
+
+
+def _unsort(x_sorted, perm):
+  """Inverse of ``take_along_axis(x, perm)`` along axis 3 of ``[B, K, G, T, ...]``."""
+  def one(xs, p):
+    return jnp.zeros_like(xs).at[p].set(xs, unique_indices=True)
+  for _ in range(3):
+    one = jax.vmap(one)
+  return one(x_sorted, perm)
+
+
+def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
+                     implementation):
+  """Approximate attention of q ``[B, Tq, Nq, H]`` over k/v ``[B, Tk, Nkv, H]``.
+
+  key_mask: ``[B, Tk]`` bool or None. Returns out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``.
+  """
+  b, tq, nq, h = q.shape
+  tk, kh = k.shape[1], k.shape[2]
+  g = nq // kh
+  bs, r = config.block_size, config.lsh_num_projs
+  nb = _cdiv(tk, bs)
+  qb = _cdiv(tq, nb)
+  invalid_code = 2 ** r  # sorts after every real bucket
+
+  # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
+  proj_rng, sample_rng = jax.random.split(rng)
+  projections = lsh.draw_projections(proj_rng, kh, h, r)
+  n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
+             else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
+
+  # 1. sortLSH (padding rows/keys get the invalid code, so they sort last).
+  qg, kg, vg = _to_grouped(q, k, v, kh)
+  q_code = jnp.pad(lsh.lsh_sort_keys(qg, projections), ((0, 0),) * 3 + ((0, nb * qb - tq),),
+                   constant_values=invalid_code)
+  k_code = lsh.lsh_sort_keys(kg, projections)
+  if key_mask is not None:
+    k_code = jnp.where(key_mask[:, None, :], k_code, invalid_code)
+  k_code = jnp.pad(k_code, ((0, 0), (0, 0), (0, nb * bs - tk)), constant_values=invalid_code)
+  q_perm = jnp.argsort(q_code, axis=-1, stable=True)
+  k_perm = jnp.argsort(k_code, axis=-1, stable=True)
+  pad_rows = lambda x, n: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, n - x.shape[-2]), (0, 0)))
+  qs = jnp.take_along_axis(pad_rows(qg, nb * qb), q_perm[..., None], axis=-2)
+  ks = jnp.take_along_axis(pad_rows(kg, nb * bs), k_perm[..., None], axis=-2)
+  vs = jnp.take_along_axis(pad_rows(vg, nb * bs), k_perm[..., None], axis=-2)
+
+  # Samples are sorted positions in [0, n_valid): uniform over the valid keys.
+  samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
+  k_samp = jnp.take_along_axis(ks, samp_pos[..., None], axis=-2)
+  v_samp = jnp.take_along_axis(vs, samp_pos[..., None], axis=-2)
+  log_weight = jnp.log(n_valid.astype(jnp.float32) / config.sample_size)
+
+  # 2+3. blocked stage with the sampled residual, merged inside one softmax.
+  out_s, lse_s = _blocked_stage(implementation)(
+      qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale=scale, block_size=bs)
+
+  # 4. unsort, drop the padded query rows.
+  out = _unsort(out_s, q_perm)[:, :, :, :tq]
+  lse = _unsort(lse_s, q_perm)[..., :tq]
+  return _from_grouped(out, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal HyperAttention: batched recursion levels
+
+
+def causal_levels(seq_len: int, min_seq_len: int) -> tuple[int, int]:
+  """Recursion depth ``L`` and base block size ``s`` with ``s * 2**L >= seq_len``, ``s <= min``.
+
+  Padding is at most ``2**L - 1`` positions (not to the next power of two).
+  """
+  levels = max(0, math.ceil(math.log2(seq_len / min_seq_len))) if seq_len > min_seq_len else 0
+  return levels, _cdiv(seq_len, 2 ** levels)
+
+
+def _split_halves(x, parts, axis):
+  """View ``axis`` (length ``parts * 2 * half``) as (first halves, second halves) of parts."""
+  shape = x.shape[:axis] + (parts, 2, x.shape[axis] // (2 * parts)) + x.shape[axis + 1:]
+  xr = x.reshape(shape)
+  take = lambda i: jnp.take(xr, i, axis=axis + 1)
+  return take(0), take(1)
+
+
+def _fold_parts(x, axis):
+  """``[B, parts, ...]`` with parts at ``axis`` (after the batch) -> merged into the batch."""
+  x = jnp.moveaxis(x, axis, 1)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
+  b, t, nq, h = q.shape
+  levels, base = causal_levels(t, config.min_seq_len)
+  tp = base * 2 ** levels
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+  q, k, v = pad(q), pad(k), pad(v)
+  key_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
+
+  # Base case: exact causal attention on the 2**L diagonal blocks, one batched call.
+  fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
+  out, lse = _exact_grouped(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config)
+  out = out.reshape(b, tp, nq, h)
+  lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
+
+  # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched.
+  for d in range(levels):
+    parts = 2 ** d
+    half = tp // (2 * parts)
+    q2 = _fold_parts(_split_halves(q, parts, 1)[1], 1)
+    k1 = _fold_parts(_split_halves(k, parts, 1)[0], 1)
+    v1 = _fold_parts(_split_halves(v, parts, 1)[0], 1)
+    m1 = _fold_parts(_split_halves(key_mask, parts, 1)[0], 1)
+    o_d, l_d = _hyper_noncausal(q2, k1, v1, m1, jax.random.fold_in(rng, d), config, scale,
+                                implementation)
+    out_first, out_second = _split_halves(out, parts, 1)      # [B, parts, half, N, H]
+    lse_first, lse_second = _split_halves(lse, parts, 2)      # [B, N, parts, half]
+    o_d = o_d.reshape(b, parts, half, nq, h)
+    l_d = l_d.reshape(b, parts, nq, half)
+    merged_o, merged_l = merge_attention(out_second, jnp.moveaxis(lse_second, 2, 1), o_d, l_d)
+    out = jnp.stack([out_first, merged_o], axis=2).reshape(b, tp, nq, h)
+    lse = jnp.stack([lse_first, jnp.moveaxis(merged_l, 1, 2)], axis=3).reshape(b, nq, tp)
+  return out[:, :t], lse[..., :t]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _resolve_implementation(implementation):
+  checks.check_implementation(implementation)
+  if implementation is None:
+    return "pallas" if _pallas_available() else "xla"
+  return implementation
+
+
+def _pallas_available() -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    import pallas_kernels  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return hasattr(pallas_kernels, "blocked_attention_pallas")
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation"))
+def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation):
+  if causal:
+    if q.shape[1] <= config.min_seq_len:
+      return _exact_grouped(q, k, v, key_mask, True, scale, config)
+    return _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
+  if k.shape[1] <= max(config.min_seq_len, config.block_size):
+    return _exact_grouped(q, k, v, key_mask, False, scale, config)
+  return _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
+
+
+def hyper_attention(query, key, value, *, rng, causal: bool = False,
+                    config: HyperAttentionConfig | None = None, scale: float | None = None,
+                    key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
+                    implementation: str | None = None):
+  """HyperAttention: near-linear-time approximate softmax attention.
+
+  Args:
+    query: ``[batch, q_seq, q_heads, head_dim]``.
+    key, value: ``[batch, kv_seq, kv_heads, head_dim]``; ``q_heads`` divisible by ``kv_heads``
+      (grouped-query / multi-query attention without repeating K/V).
+    rng: a ``jax.random`` key; the LSH hyperplanes and the samples are drawn from it (same key,
+      same result).
+    causal: query ``i`` attends to keys ``j <= i`` (needs ``q_seq == kv_seq``).
+    config: :class:`HyperAttentionConfig` (default: the paper's benchmark settings).
+    scale: logit scale, ``1/sqrt(head_dim)`` when None.
+    key_mask: optional ``[batch, kv_seq]`` bool, False keys get no weight.
+    key_value_seq_lengths: optional ``[batch]`` int, keys at and beyond the length get no weight
+      (``jax.nn.dot_product_attention``'s convention); at most one of the two masks.
+    return_lse: also return the log-sum-exp of the (approximate) scores, ``[batch, heads,
+      q_seq]`` float32.
+    implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``.
+
+  Returns:
+    ``[batch, q_seq, q_heads, head_dim]`` in the dtype of the inputs (and the lse). Query rows
+    whose keys are all masked give zeros (lse ``-inf``).
+  """
+  config = HyperAttentionConfig() if config is None else config
+  if not isinstance(config, HyperAttentionConfig):
+    raise TypeError(f"config must be a HyperAttentionConfig, got {type(config).__name__}")
+  dims = checks.check_qkv(query, key, value, causal)
+  key_mask = checks.check_key_mask(key_mask, key_value_seq_lengths, dims)
+  scale = checks.check_scale(scale, dims.head_dim)
+  checks.check_rng(rng)
+  implementation = _resolve_implementation(implementation)
+  out, lse = _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
+                        implementation)
+  return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size"))
+def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size):
+  return _exact_grouped(q, k, v, key_mask, causal, scale,
+                        HyperAttentionConfig(exact_chunk_size=chunk_size))
+
+
+def exact_attention(query, key, value, *, causal: bool = False, scale: float | None = None,
+                    key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
+                    chunk_size: int = 512):
+  """Exact softmax attention, memory-safe at long sequences (chunked online softmax).
+
+  Same layouts, masks and GQA rules as :func:`hyper_attention`; no ``n x n`` matrix is
+  materialised (peak extra memory ``O(chunk_size**2)`` per head), and the gradient is the
+  flash-attention recomputation from the saved log-sum-exp.
+  """
+  dims = checks.check_qkv(query, key, value, causal)
+  key_mask = checks.check_key_mask(key_mask, key_value_seq_lengths, dims)
+  scale = checks.check_scale(scale, dims.head_dim)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  out, lse = _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size)
+  return (out, lse) if return_lse else out

@@ -1,0 +1,145 @@
+"""A deliberately simple dense reference of HyperAttention, the oracle for the fast paths.
+
+It builds the full ``[batch, heads, q_seq, kv_seq]`` matrix of log-weights that the approximation
+gives each (query, key) pair and takes one softmax over it:
+
+* same sorted block (query rank // q_block == key rank // block_size): weight ``exp(s)``;
+* otherwise, a key sampled ``c`` times: weight ``c * n_valid / sample_size * exp(s)``;
+* otherwise (or masked keys): 0.
+
+Causal: exact causal weights on the diagonal base blocks, and each recursion level's lower-left
+quadrants filled from the non-causal weights. Summing unnormalised weights is what the
+log-sum-exp merges compute, so this matrix's softmax is the approximation's output.
+
+Shares only the random draws (``lsh.py``) with the fast path; block membership comes from sort
+ranks here, from gathers there. Memory is ``O(seq**2)``: small inputs only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hyperattn_jax import lsh
+from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.hyper import causal_levels
+
+__all__ = ["reference_hyper_attention", "dense_attention"]
+
+_NEG_INF = float("-inf")
+
+
+def _scores(q, k, scale):
+  """q ``[B, Tq, Nq, H]``, k ``[B, Tk, Nkv, H]`` -> fp32 scores ``[B, Nq, Tq, Tk]``."""
+  g = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, g, axis=2)
+  return jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+
+
+def _softmax_out(log_w, v):
+  """Softmax over the last axis of log-weights ``[B, N, Tq, Tk]`` applied to v."""
+  g = log_w.shape[1] // v.shape[2]
+  v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
+  lse = jax.nn.logsumexp(log_w, axis=-1)
+  p = jnp.where(lse[..., None] == _NEG_INF, 0.0, jnp.exp(log_w - lse[..., None]))
+  return jnp.einsum("bnqk,bknh->bqnh", p, v), lse
+
+
+def _ranks(codes):
+  """Position of each element in the stable ascending sort of ``codes`` (last axis)."""
+  return jnp.argsort(jnp.argsort(codes, axis=-1, stable=True), axis=-1, stable=True)
+
+
+def _noncausal_log_weights(q, k, key_mask, rng, config, scale):
+  b, tq, nq, h = q.shape
+  tk, kh = k.shape[1], k.shape[2]
+  g = nq // kh
+  bs, r = config.block_size, config.lsh_num_projs
+  nb = -(-tk // bs)
+  qb = -(-tq // nb)
+  proj_rng, sample_rng = jax.random.split(rng)
+  projections = lsh.draw_projections(proj_rng, kh, h, r)
+  n_valid = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+
+  # [B, Nkv, G, Tq] and [B, Nkv, Tk] sort keys; invalid keys last.
+  q_codes = lsh.lsh_sort_keys(q.reshape(b, tq, kh, g, h).transpose(0, 2, 3, 1, 4), projections)
+  k_codes = lsh.lsh_sort_keys(k.transpose(0, 2, 1, 3), projections)
+  k_codes = jnp.where(key_mask[:, None, :], k_codes, 2 ** r)
+  q_block = (_ranks(q_codes) // qb).reshape(b, nq, tq)
+  k_rank = _ranks(k_codes)                                             # [B, Nkv, Tk]
+  k_block = jnp.repeat(k_rank // bs, g, axis=1)                        # [B, Nq, Tk]
+
+  samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
+  counts = jnp.sum(k_rank[..., :, None] == samp_pos[..., None, :], axis=-1)  # [B, Nkv, Tk]
+  counts = jnp.repeat(counts, g, axis=1).astype(jnp.float32)
+  sample_w = counts * (n_valid[:, None, None] / config.sample_size)
+
+  s = _scores(q, k, scale)
+  same = q_block[..., :, None] == k_block[..., None, :]
+  log_w = jnp.where(same, s, jnp.where(sample_w[:, :, None, :] > 0,
+                                       s + jnp.log(sample_w)[:, :, None, :], _NEG_INF))
+  return jnp.where(key_mask[:, None, None, :], log_w, _NEG_INF)
+
+
+def _exact_log_weights(q, k, key_mask, causal, scale):
+  s = _scores(q, k, scale)
+  valid = key_mask[:, None, None, :]
+  if causal:
+    valid = valid & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
+  return jnp.where(valid, s, _NEG_INF)
+
+
+def _causal_log_weights(q, k, key_mask, rng, config, scale):
+  b, t, nq, h = q.shape
+  levels, base = causal_levels(t, config.min_seq_len)
+  tp = base * 2 ** levels
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+  q, k, key_mask = pad(q), pad(k), pad(key_mask)
+  log_w = jnp.full((b, nq, tp, tp), _NEG_INF, jnp.float32)
+  for i in range(2 ** levels):
+    sl = slice(i * base, (i + 1) * base)
+    log_w = log_w.at[:, :, sl, sl].set(
+        _exact_log_weights(q[:, sl], k[:, sl], key_mask[:, sl], True, scale))
+  for d in range(levels):
+    parts, half = 2 ** d, tp // 2 ** (d + 1)
+    halves = lambda x, which: x.reshape((b, parts, 2, half) + x.shape[2:])[:, :, which].reshape(
+        (b * parts, half) + x.shape[2:])
+    w = _noncausal_log_weights(halves(q, 1), halves(k, 0), halves(key_mask, 0),
+                               jax.random.fold_in(rng, d), config, scale)
+    w = w.reshape(b, parts, nq, half, half)
+    for p in range(parts):
+      rows = slice((2 * p + 1) * half, (2 * p + 2) * half)
+      cols = slice(2 * p * half, (2 * p + 1) * half)
+      log_w = log_w.at[:, :, rows, cols].set(w[:, p])
+  return log_w[:, :, :t, :t]
+
+
+def reference_hyper_attention(query, key, value, *, rng, causal=False,
+                              config: HyperAttentionConfig | None = None, scale=None,
+                              key_mask=None):
+  """Dense oracle of :func:`hyperattn_jax.hyper_attention` (same key -> same approximation).
+
+  Returns ``(out [B, Tq, Nq, H] float32, lse [B, Nq, Tq] float32)``.
+  """
+  config = HyperAttentionConfig() if config is None else config
+  scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
+  b, tk = key.shape[0], key.shape[1]
+  key_mask = jnp.ones((b, tk), jnp.bool_) if key_mask is None else key_mask
+  if causal:
+    if query.shape[1] <= config.min_seq_len:
+      log_w = _exact_log_weights(query, key, key_mask, True, scale)
+    else:
+      log_w = _causal_log_weights(query, key, key_mask, rng, config, scale)
+  elif tk <= max(config.min_seq_len, config.block_size):
+    log_w = _exact_log_weights(query, key, key_mask, False, scale)
+  else:
+    log_w = _noncausal_log_weights(query, key, key_mask, rng, config, scale)
+  return _softmax_out(log_w, value)
+
+
+def dense_attention(query, key, value, *, causal=False, scale=None, key_mask=None):
+  """Exact dense attention (``O(seq**2)`` memory) with LSE, the exact oracle."""
+  scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
+  b, tk = key.shape[0], key.shape[1]
+  key_mask = jnp.ones((b, tk), jnp.bool_) if key_mask is None else key_mask
+  return _softmax_out(_exact_log_weights(query, key, key_mask, causal, scale), value)

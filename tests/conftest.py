@@ -1,0 +1,31 @@
+"""Shared test helpers: fresh random inputs on every run, with the seed in the failure report."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def seed(request):
+  """A fresh seed per test run; set HYPERATTN_TEST_SEED to replay a failure."""
+  value = int(os.environ.get("HYPERATTN_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+  request.node.user_properties.append(("seed", value))
+  print(f"seed={value}")
+  return value
+
+
+def make_qkv(seed, batch, q_len, kv_len, q_heads, kv_heads, head_dim, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(k1, (batch, q_len, q_heads, head_dim), jnp.float32).astype(dtype)
+  k = jax.random.normal(k2, (batch, kv_len, kv_heads, head_dim), jnp.float32).astype(dtype)
+  v = jax.random.normal(k3, (batch, kv_len, kv_heads, head_dim), jnp.float32).astype(dtype)
+  return q, k, v
+
+
+def rel_err(x, ref):
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
