@@ -1,0 +1,254 @@
+"""Benchmark HyperAttention against exact attention and cuDNN, forward and forward+backward.
+
+One run times every (n, causal, mode, implementation) combination in the same process, so the
+numbers compare like with like, and writes one JSON file (plus a log on stdout):
+
+  python experiments/bench_attention.py --out=experiments/results/bench.json \
+      --ns=4096,16384,32768,65536,131072 --impls=hyper_xla,exact_xla,cudnn --modes=fwd,fwdbwd
+
+Timing: ``jax.jit``, warm-up calls, then the median of ``--reps`` calls each ended by
+``block_until_ready`` (host clock around a synchronised call). Inputs: random normal, bf16,
+[batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds per-stage timings of
+HyperAttention (hash, sort+gather, blocked stage, unsort; base case and each causal level).
+Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
+Plot with experiments/plot_bench.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
+from hyperattn_jax import hyper as hyper_lib  # noqa: E402
+from hyperattn_jax import lsh  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "JSON file to write.", required=True)
+flags.DEFINE_list("ns", ["4096", "16384", "32768", "65536", "131072"], "Sequence lengths.")
+flags.DEFINE_list("impls", ["hyper_pallas", "hyper_xla", "exact_xla", "cudnn"],
+                  "hyper_pallas | hyper_xla | exact_xla | exact_pallas | cudnn")
+flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
+flags.DEFINE_list("causal", ["true", "false"], "Causal settings to run.")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("heads", 32, "Query heads.")
+flags.DEFINE_integer("kv_heads", 32, "Key/value heads.")
+flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
+flags.DEFINE_integer("block_size", 256, "HyperAttention block size.")
+flags.DEFINE_integer("sample_size", 256, "HyperAttention samples.")
+flags.DEFINE_integer("lsh_num_projs", 7, "LSH hyperplanes.")
+flags.DEFINE_integer("min_seq_len", 4096, "Exact base case length.")
+flags.DEFINE_integer("reps", 20, "Timed repetitions (median).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+flags.DEFINE_integer("max_exact_n", 65536, "Skip exact_xla above this n (quadratic time).")
+flags.DEFINE_float("time_cap_s", 60.0, "Skip a variant's remaining n once one call exceeds this.")
+flags.DEFINE_bool("breakdown", False, "Also time HyperAttention's stages.")
+
+
+def _median_ms(fn, *args):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  for _ in range(FLAGS.warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times), min(times), max(times)
+
+
+def _memory_bytes(fn, *args):
+  try:
+    mem = fn.lower(*args).compile().memory_analysis()
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _attention_fn(impl: str, causal: bool, config: HyperAttentionConfig, rng):
+  if impl.startswith("hyper_"):
+    return functools.partial(hyper_attention, rng=rng, causal=causal, config=config,
+                             implementation=impl.removeprefix("hyper_"))
+  if impl == "exact_xla":
+    return functools.partial(exact_attention, causal=causal)
+  if impl == "exact_pallas":
+    return functools.partial(exact_attention, causal=causal, implementation="pallas")
+  if impl == "cudnn":
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                             implementation="cudnn")
+  raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _make(fn, mode: str):
+  if mode == "fwd":
+    return jax.jit(fn)
+
+  def fwdbwd(q, k, v, d_out):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(d_out)
+  return jax.jit(fwdbwd)
+
+
+def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
+  """Model FLOPs: exact = 4 n^2 d h (half when causal); hyper as in ../shared/README.md."""
+  d, h, b = FLAGS.head_dim, FLAGS.heads, FLAGS.batch
+  if impl.startswith("hyper") and n > config.min_seq_len:
+    per_query = config.block_size + config.sample_size
+    if causal:
+      levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
+      keys = 2 ** levels * base * base / 2 + levels * (n / 2) * per_query
+    else:
+      keys = n * per_query
+  else:
+    keys = n * n / (2 if causal else 1)
+  fwd = 4 * keys * d * h * b
+  return fwd * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
+  """Times of the non-causal stages at one sub-problem shape, and of the causal parts."""
+  def noncausal_stages(qq, kk, vv):
+    b, tq, nq, hd = qq.shape
+    tk, kh = kk.shape[1], kk.shape[2]
+    bs, r = config.block_size, config.lsh_num_projs
+    proj = lsh.draw_projections(rng, kh, hd, r)
+    qg, kg, vg = hyper_lib._to_grouped(qq, kk, vv, kh)  # pylint: disable=protected-access
+    hash_fn = jax.jit(lambda qg, kg: (lsh.lsh_sort_keys(qg, proj), lsh.lsh_sort_keys(kg, proj)))
+    qc, kc = hash_fn(qg, kg)
+
+    def sort_gather(qg, kg, vg, qc, kc):
+      qp = jnp.argsort(qc, axis=-1, stable=True)
+      kp = jnp.argsort(kc, axis=-1, stable=True)
+      g = lambda x, p: jnp.take_along_axis(x, p[..., None], axis=-2)
+      return g(qg, qp), g(kg, kp), g(vg, kp), qp
+    sort_fn = jax.jit(sort_gather)
+    qs, ks, vs, qp = sort_fn(qg, kg, vg, qc, kc)
+    n_valid = jnp.full((b,), tk, jnp.int32)
+    pos = lsh.draw_sample_positions(rng, n_valid, kh, config.sample_size)
+    k_s = jnp.take_along_axis(ks, pos[..., None], axis=-2)
+    v_s = jnp.take_along_axis(vs, pos[..., None], axis=-2)
+    lw = jnp.log(n_valid.astype(jnp.float32) / config.sample_size)
+    stage = hyper_lib._blocked_stage(impl)  # pylint: disable=protected-access
+    blocked_fn = jax.jit(lambda *a: stage(*a, scale=hd ** -0.5, block_size=bs))
+    args = (qs, ks, vs, k_s, v_s, pos, n_valid, lw)
+    out_s, _ = blocked_fn(*args)
+    unsort_fn = jax.jit(hyper_lib._unsort)  # pylint: disable=protected-access
+    flops = 4 * b * nq * tq * (bs + config.sample_size) * hd
+    t_blocked = _median_ms(blocked_fn, *args)[0]
+    return {"hash_ms": _median_ms(hash_fn, qg, kg)[0],
+            "sort_gather_ms": _median_ms(sort_fn, qg, kg, vg, qc, kc)[0],
+            "blocked_ms": t_blocked,
+            "blocked_tflops": flops / t_blocked / 1e9,
+            "unsort_ms": _median_ms(unsort_fn, out_s, qp)[0]}
+
+  if not causal:
+    return {"noncausal": noncausal_stages(q, k, v)}
+  levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
+  b = q.shape[0]
+  fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
+  base_impl = "pallas" if impl == "pallas" else "xla"
+  base_fn = jax.jit(functools.partial(exact_attention, causal=True, return_lse=True,
+                                      **({"implementation": base_impl}
+                                         if base_impl == "pallas" else {})))
+  result = {"base_case_ms": _median_ms(base_fn, fold(q), fold(k), fold(v))[0], "levels": []}
+  for d in range(levels):
+    parts, half = 2 ** d, n // 2 ** (d + 1)
+    qd = q.reshape(b * parts, 2, half, *q.shape[2:])[:, 1]
+    kd = k.reshape(b * parts, 2, half, *k.shape[2:])[:, 0]
+    vd = v.reshape(b * parts, 2, half, *v.shape[2:])[:, 0]
+    result["levels"].append(noncausal_stages(qd, kd, vd))
+  return result
+
+
+def main(argv):
+  del argv
+  config = HyperAttentionConfig(block_size=FLAGS.block_size, sample_size=FLAGS.sample_size,
+                                lsh_num_projs=FLAGS.lsh_num_projs, min_seq_len=FLAGS.min_seq_len)
+  dtype = jnp.dtype(FLAGS.dtype)
+  rng = jax.random.key(0)
+  dev = jax.devices()[0]
+  meta = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+          "command": " ".join(sys.argv), "batch": FLAGS.batch, "heads": FLAGS.heads,
+          "kv_heads": FLAGS.kv_heads, "head_dim": FLAGS.head_dim, "dtype": FLAGS.dtype,
+          "config": dataclasses.asdict(config), "reps": FLAGS.reps,
+          "timing": "median of reps, jit + block_until_ready, after warm-up"}
+  records = []
+  capped = set()
+  print(f"{'n':>8} {'causal':>6} {'mode':>6} {'impl':>13} {'median_ms':>10} {'TFLOP/s':>8} "
+        f"{'mem_GB':>7}", flush=True)
+  for n in map(int, FLAGS.ns):
+    key = jax.random.fold_in(rng, n)
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    shape_q = (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim)
+    shape_kv = (FLAGS.batch, n, FLAGS.kv_heads, FLAGS.head_dim)
+    q = jax.random.normal(kq, shape_q, jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, shape_kv, jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, shape_kv, jnp.float32).astype(dtype)
+    d_out = jax.random.normal(kd, shape_q, jnp.float32).astype(dtype)
+    for causal in (c == "true" for c in FLAGS.causal):
+      for mode in FLAGS.modes:
+        for impl in FLAGS.impls:
+          rec = {"n": n, "causal": causal, "mode": mode, "impl": impl}
+          tag = (causal, mode, impl)
+          if impl == "exact_xla" and n > FLAGS.max_exact_n:
+            rec["skipped"] = f"n > max_exact_n={FLAGS.max_exact_n}"
+          elif tag in capped:
+            rec["skipped"] = f"a shorter n already exceeded time_cap_s={FLAGS.time_cap_s}"
+          else:
+            try:
+              fn = _make(_attention_fn(impl, causal, config, rng), mode)
+              args = (q, k, v) if mode == "fwd" else (q, k, v, d_out)
+              t0 = time.perf_counter()
+              jax.block_until_ready(fn(*args))
+              first = time.perf_counter() - t0
+              if first > FLAGS.time_cap_s:
+                capped.add(tag)
+              med, lo, hi = _median_ms(fn, *args)
+              flops = _flops(n, causal, mode, impl, config)
+              rec.update(median_ms=med, min_ms=lo, max_ms=hi, first_call_s=first,
+                         model_tflops=flops / med / 1e9, memory_bytes=_memory_bytes(fn, *args))
+            except Exception as e:  # pylint: disable=broad-except
+              rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+          records.append(rec)
+          if "median_ms" in rec:
+            mem = rec["memory_bytes"]
+            print(f"{n:>8} {causal!s:>6} {mode:>6} {impl:>13} {rec['median_ms']:>10.3f} "
+                  f"{rec['model_tflops']:>8.1f} {mem / 1e9 if mem else float('nan'):>7.2f}",
+                  flush=True)
+          else:
+            print(f"{n:>8} {causal!s:>6} {mode:>6} {impl:>13} "
+                  f"{rec.get('skipped') or rec.get('error')}", flush=True)
+    if FLAGS.breakdown and n > config.min_seq_len:
+      for impl in [i for i in FLAGS.impls if i.startswith("hyper_")]:
+        for causal in (c == "true" for c in FLAGS.causal):
+          try:
+            bd = _stage_breakdown(n, causal, config, q, k, v, rng, impl.removeprefix("hyper_"))
+          except Exception as e:  # pylint: disable=broad-except
+            bd = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+          records.append({"n": n, "causal": causal, "impl": impl, "breakdown": bd})
+          print(f"breakdown n={n} causal={causal} {impl}: {json.dumps(bd)}", flush=True)
+    Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
