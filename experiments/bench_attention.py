@@ -36,12 +36,14 @@ import jax.numpy as jnp  # noqa: E402
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
 from hyperattn_jax import hyper as hyper_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
+from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
 flags.DEFINE_list("ns", ["4096", "16384", "32768", "65536", "131072"], "Sequence lengths.")
 flags.DEFINE_list("impls", ["hyper_pallas", "hyper_xla", "exact_xla", "cudnn"],
-                  "hyper_pallas | hyper_xla | exact_xla | exact_pallas | cudnn")
+                  "hyper_pallas | hyper_xla | sharded_hyper_pallas | sharded_hyper_xla | exact_xla | "
+                  "exact_pallas | cudnn")
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 flags.DEFINE_list("causal", ["true", "false"], "Causal settings to run.")
 flags.DEFINE_integer("batch", 1, "Batch size.")
@@ -83,6 +85,10 @@ def _memory_bytes(fn, *args):
 
 
 def _attention_fn(impl: str, causal: bool, config: HyperAttentionConfig, rng):
+  if impl.startswith("sharded_hyper_"):  # heads split over all local devices (issue 7 path)
+    mesh = jax.sharding.Mesh(jax.devices(), ("heads",))
+    return functools.partial(head_sharded_hyper_attention, rng=rng, mesh=mesh, causal=causal,
+                             config=config, implementation=impl.removeprefix("sharded_hyper_"))
   if impl.startswith("hyper_"):
     return functools.partial(hyper_attention, rng=rng, causal=causal, config=config,
                              implementation=impl.removeprefix("hyper_"))
@@ -109,7 +115,7 @@ def _make(fn, mode: str):
 def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
   """Model FLOPs: exact = 4 n^2 d h (half when causal); hyper as in ../shared/README.md."""
   d, h, b = FLAGS.head_dim, FLAGS.heads, FLAGS.batch
-  if impl.startswith("hyper") and n > config.min_seq_len:
+  if "hyper" in impl and n > config.min_seq_len:
     per_query = config.block_size + config.sample_size
     if causal:
       levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
