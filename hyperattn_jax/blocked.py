@@ -21,10 +21,12 @@ Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` qu
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["blocked_attention_xla", "softmax_out_lse"]
+__all__ = ["blocked_attention", "blocked_attention_xla", "softmax_out_lse"]
 
 _NEG_INF = float("-inf")
 
@@ -49,6 +51,7 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
                           scale: float, block_size: int):
   """See the module docstring for shapes."""
   b, kh, g, tq, h = qs.shape
+  acc = jnp.promote_types(qs.dtype, jnp.float32)  # float32, or float64 for float64 inputs
   nb = ks.shape[2] // block_size
   qb = tq // nb
   # [b, k, nb, g * qb, h]: the g query heads of a kv head share its key block (one matmul).
@@ -56,12 +59,12 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   kb = ks.reshape(b, kh, nb, block_size, h)
   vb = vs.reshape(b, kh, nb, block_size, h)
 
-  s_blk = jnp.einsum("bknqh,bknsh->bknqs", q5, kb, preferred_element_type=jnp.float32) * scale
+  s_blk = jnp.einsum("bknqh,bknsh->bknqs", q5, kb, preferred_element_type=acc) * scale
   key_pos = jnp.arange(nb * block_size, dtype=jnp.int32).reshape(nb, block_size)
   blk_valid = key_pos[None] < n_valid[:, None, None]                      # [b, nb, bs]
   s_blk = jnp.where(blk_valid[:, None, :, None, :], s_blk, _NEG_INF)
 
-  s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=jnp.float32)
+  s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=acc)
   s_smp = s_smp * scale + log_weight[:, None, None, None, None]
   own_block = (samp_pos // block_size)[:, :, None, :] == jnp.arange(nb)[None, None, :, None]
   s_smp = jnp.where(own_block[:, :, :, None, :], _NEG_INF, s_smp)         # [b, k, nb, 1, m]
@@ -69,11 +72,51 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   def values(p):
     p_blk, p_smp = p[..., :block_size], p[..., block_size:]
     return (jnp.einsum("bknqs,bknsh->bknqh", p_blk.astype(vs.dtype), vb,
-                       preferred_element_type=jnp.float32) +
+                       preferred_element_type=acc) +
             jnp.einsum("bknqm,bkmh->bknqh", p_smp.astype(v_samp.dtype), v_samp,
-                       preferred_element_type=jnp.float32))
+                       preferred_element_type=acc))
 
   out, lse = softmax_out_lse(jnp.concatenate([s_blk, s_smp], axis=-1), values)
   out = out.reshape(b, kh, nb, g, qb, h).transpose(0, 1, 3, 2, 4, 5).reshape(b, kh, g, tq, h)
   lse = lse.reshape(b, kh, nb, g, qb).transpose(0, 1, 3, 2, 4).reshape(b, kh, g, tq)
   return out.astype(qs.dtype), lse
+
+
+def _forward(implementation):
+  if implementation == "pallas":
+    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
+    return blocked_attention_pallas
+  return blocked_attention_xla
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale: float,
+                      block_size: int, implementation: str):
+  """The blocked stage with the chosen forward (``"xla"`` or ``"pallas"``) and one VJP.
+
+  The VJP saves only the inputs (sorted q/k/v, samples, positions: all O(n)) and recomputes the
+  stage's probabilities in the backward from ``blocked_attention_xla``, which the Pallas forward
+  is tested to equal; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
+  Cotangents of both ``out`` and ``lse`` are propagated.
+  """
+  return _forward(implementation)(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                                  scale=scale, block_size=block_size)
+
+
+def _vjp_fwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale, block_size,
+             implementation):
+  out = blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
+                          block_size, implementation)
+  return out, (qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight)
+
+
+def _vjp_bwd(scale, block_size, implementation, res, cotangents):
+  del implementation
+  qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight = res
+  stage = lambda *x: blocked_attention_xla(*x, samp_pos, n_valid, log_weight, scale=scale,
+                                           block_size=block_size)
+  _, vjp = jax.vjp(stage, qs, ks, vs, k_samp, v_samp)
+  return (*vjp(cotangents), None, None, None)
+
+
+blocked_attention.defvjp(_vjp_fwd, _vjp_bwd)

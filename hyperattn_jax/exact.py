@@ -147,22 +147,33 @@ def _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk):
   return dq.astype(q.dtype), dk[:, :, :tk].astype(k.dtype), dv[:, :, :tk].astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def flash_attention_grouped(q, k, v, key_mask, causal: bool, scale: float, chunk: int):
-  """Exact attention with LSE in the grouped heads-major layout (see module docstring).
-
-  Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``. ``causal`` requires
-  ``q_len == kv_len`` (query ``i`` sees keys ``j <= i``).
-  """
+def _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation):
+  if implementation == "pallas":
+    from pallas_kernels import flash_attention_pallas  # pylint: disable=import-outside-toplevel
+    return flash_attention_pallas(q, k, v, key_mask, causal, scale)
   return _forward(q, k, v, key_mask, causal, scale, chunk)
 
 
-def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk):
-  out, lse = _forward(q, k, v, key_mask, causal, scale, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def flash_attention_grouped(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
+                            implementation: str = "xla"):
+  """Exact attention with LSE in the grouped heads-major layout (see module docstring).
+
+  Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``. ``causal`` requires
+  ``q_len == kv_len`` (query ``i`` sees keys ``j <= i``). ``implementation`` picks the forward
+  (``"xla"`` chunked loops here, ``"pallas"`` the GPU kernel); the VJP is the chunked
+  recomputation below for both.
+  """
+  return _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
+
+
+def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation):
+  out, lse = _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
   return (out, lse), (q, k, v, key_mask, out, lse)
 
 
-def _vjp_bwd(causal, scale, chunk, res, cotangents):
+def _vjp_bwd(causal, scale, chunk, implementation, res, cotangents):
+  del implementation
   q, k, v, key_mask, out, lse = res
   d_out, d_lse = cotangents
   dq, dk, dv = _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk)

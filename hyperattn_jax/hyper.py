@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from hyperattn_jax import checks
 from hyperattn_jax import lsh
-from hyperattn_jax.blocked import blocked_attention_xla
+from hyperattn_jax.blocked import blocked_attention
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.exact import flash_attention_grouped
 
@@ -79,14 +79,14 @@ def merge_attention(out1, lse1, out2, lse2):
 # Exact attention (base case of the recursion and the exact baseline)
 
 
-def _exact_grouped(q, k, v, key_mask, causal, scale, config):
+def _exact_grouped(q, k, v, key_mask, causal, scale, config, implementation):
   """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
   b, tk, kh = k.shape[0], k.shape[1], k.shape[2]
   if key_mask is None:
     key_mask = jnp.ones((b, tk), jnp.bool_)
   qg, kg, vg = _to_grouped(q, k, v, kh)
   out, lse = flash_attention_grouped(qg, kg, vg, key_mask, causal, scale,
-                                     config.exact_chunk_size)
+                                     config.exact_chunk_size, implementation)
   return _from_grouped(out, lse)
 
 
@@ -95,10 +95,10 @@ def _exact_grouped(q, k, v, key_mask, causal, scale, config):
 
 
 def _blocked_stage(implementation):
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_pallas
-  return blocked_attention_xla
+  """The blocked stage (custom VJP) with the given forward, called like blocked_attention_xla."""
+  def stage(*args, scale, block_size):
+    return blocked_attention(*args, scale, block_size, implementation)
+  return stage
 
 
 def _unsort(x_sorted, perm):
@@ -198,7 +198,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
 
   # Base case: exact causal attention on the 2**L diagonal blocks, one batched call.
   fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
-  out, lse = _exact_grouped(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config)
+  out, lse = _exact_grouped(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config,
+                            implementation)
   out = out.reshape(b, tp, nq, h)
   lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
 
@@ -247,10 +248,10 @@ def _pallas_available() -> bool:
 def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation):
   if causal:
     if q.shape[1] <= config.min_seq_len:
-      return _exact_grouped(q, k, v, key_mask, True, scale, config)
+      return _exact_grouped(q, k, v, key_mask, True, scale, config, implementation)
     return _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   if k.shape[1] <= max(config.min_seq_len, config.block_size):
-    return _exact_grouped(q, k, v, key_mask, False, scale, config)
+    return _exact_grouped(q, k, v, key_mask, False, scale, config, implementation)
   return _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
 
 
@@ -293,19 +294,20 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
   return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size"))
-def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation"))
+def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation):
   return _exact_grouped(q, k, v, key_mask, causal, scale,
-                        HyperAttentionConfig(exact_chunk_size=chunk_size))
+                        HyperAttentionConfig(exact_chunk_size=chunk_size), implementation)
 
 
 def exact_attention(query, key, value, *, causal: bool = False, scale: float | None = None,
                     key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
-                    chunk_size: int = 512):
+                    chunk_size: int = 512, implementation: str | None = None):
   """Exact softmax attention, memory-safe at long sequences (chunked online softmax).
 
-  Same layouts, masks and GQA rules as :func:`hyper_attention`; no ``n x n`` matrix is
-  materialised (peak extra memory ``O(chunk_size**2)`` per head), and the gradient is the
+  Same layouts, masks, GQA rules and ``implementation`` choices as :func:`hyper_attention`
+  (``"pallas"``: the flash forward kernel of ``pallas_kernels``); no ``n x n`` matrix is
+  materialised (peak extra memory ``O(chunk_size**2)`` per head in XLA), and the gradient is the
   flash-attention recomputation from the saved log-sum-exp.
   """
   dims = checks.check_qkv(query, key, value, causal)
@@ -313,5 +315,7 @@ def exact_attention(query, key, value, *, causal: bool = False, scale: float | N
   scale = checks.check_scale(scale, dims.head_dim)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  out, lse = _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size)
+  implementation = _resolve_implementation(implementation)
+  out, lse = _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size,
+                        implementation)
   return (out, lse) if return_lse else out
