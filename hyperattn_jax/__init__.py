@@ -2,6 +2,10 @@
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import exact_attention, hyper_attention, merge_attention
+from hyperattn_jax.layers import HyperAttention, make_attention_fn
 
-__all__ = ["HyperAttentionConfig", "hyper_attention", "exact_attention", "merge_attention"]
+__all__ = [
+    "HyperAttentionConfig", "hyper_attention", "exact_attention", "merge_attention",
+    "HyperAttention", "make_attention_fn",
+]
 __version__ = "0.1.0"
