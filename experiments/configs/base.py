@@ -1,0 +1,40 @@
+"""Defaults shared by every training config (``experiments/train_lm.py --config=...``)."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.batch_size = 8                 # global; must be divisible by the number of devices
+  c.seq_len = 1024
+  c.learning_rate = 1e-3           # peak of warmup + cosine decay
+  c.warmup_steps = 100
+  c.min_learning_rate_ratio = 0.1  # final lr = ratio * peak
+  c.weight_decay = 0.1
+  c.grad_clip_norm = 1.0
+  c.fsdp = False                   # shard params + optimizer state over the `data` mesh axis
+
+  c.attention = "exact"            # "exact" | "hyper"
+  c.hyper_last_layers = -1         # with attention="hyper": the last L layers (-1: all)
+  c.implementation = config_dict.placeholder(str)  # None (auto) | "xla" | "pallas"
+  c.hyper = ml_collections.ConfigDict(dict(
+      block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096))
+
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
+      dtype="bfloat16"))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = config_dict.placeholder(str)  # None: the Python standard library's sources
+  c.data.valid_fraction = 0.05
+
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_batches = 4
+  c.eval_batch_size = 4
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  return c

@@ -1,0 +1,1 @@
+"""Decoder-only language model with HyperAttention: data, model, training loop, evaluation."""

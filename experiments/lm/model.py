@@ -1,0 +1,101 @@
+"""Decoder-only Transformer (RMSNorm, RoPE, SwiGLU, GQA) with per-layer exact/hyper attention.
+
+The parameters do not depend on which layers use HyperAttention, so a checkpoint trained with
+exact attention can be evaluated with any number of its last layers switched to HyperAttention
+(the paper's patching experiment) and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hyperattn_jax import HyperAttention, HyperAttentionConfig
+
+__all__ = ["TransformerConfig", "Transformer", "attention_modes", "loss_fn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Model hyper-parameters.
+
+  ``attention`` is the mode of the last ``hyper_last_layers`` layers (all layers when it is
+  negative); the layers before them use exact attention.
+  """
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  attention: str = "exact"
+  hyper_last_layers: int = -1
+  hyper: HyperAttentionConfig = HyperAttentionConfig()
+  implementation: str | None = None
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+
+
+def attention_modes(cfg: TransformerConfig) -> tuple[str, ...]:
+  """Per-layer attention mode (``"exact"`` or ``"hyper"``)."""
+  patched = cfg.num_layers if cfg.hyper_last_layers < 0 else cfg.hyper_last_layers
+  first_hyper = cfg.num_layers - min(patched, cfg.num_layers)
+  return tuple("hyper" if cfg.attention == "hyper" and i >= first_hyper else "exact"
+               for i in range(cfg.num_layers))
+
+
+class SwiGLU(nn.Module):
+  """``[batch, seq, d_model]`` -> same: ``W_out (silu(W_gate x) * W_up x)``."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.cfg.dtype,
+                                     param_dtype=self.cfg.param_dtype, name=name)
+    h = nn.silu(dense(self.cfg.mlp_dim, "gate")(x)) * dense(self.cfg.mlp_dim, "up")(x)
+    return dense(x.shape[-1], "down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: attention then SwiGLU."""
+  cfg: TransformerConfig
+  mode: str
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    norm = lambda name: nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    x = x + HyperAttention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                           head_dim=cfg.head_dim, causal=True, mode=self.mode, config=cfg.hyper,
+                           implementation=cfg.implementation, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="attention")(norm("attn_norm")(x))
+    return x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+
+
+class Transformer(nn.Module):
+  """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    cfg = self.cfg
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 name="embed")(tokens)
+    for i, mode in enumerate(attention_modes(cfg)):
+      x = Block(cfg, mode, name=f"layer_{i}")(x)
+    x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+def loss_fn(params, model: Transformer, batch: jax.Array, rng: jax.Array):
+  """Mean next-token cross-entropy (nats) of ``batch [b, seq + 1]``."""
+  logits = model.apply({"params": params}, batch[:, :-1], rngs={"hyper": rng})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()

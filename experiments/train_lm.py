@@ -1,0 +1,37 @@
+"""Train a decoder-only byte-level LM with exact or HyperAttention.
+
+  python experiments/train_lm.py --config=experiments/configs/tiny.py --workdir=/tmp/lm
+  python experiments/train_lm.py --config=experiments/configs/long_32k.py \
+      --config.attention=hyper --workdir=/tmp/lm32k
+  python experiments/train_lm.py --config=experiments/configs/tiny.py --workdir=/tmp/lm2 \
+      --config.data.path=/some/texts --config.num_steps=200
+
+Restarting with the same --workdir resumes from the latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments.lm.train import train_and_evaluate  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.",
+                    required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  print({k: round(v, 4) for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
