@@ -96,7 +96,8 @@ def blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
 
   The VJP saves only the inputs (sorted q/k/v, samples, positions: all O(n)) and recomputes the
   stage's probabilities in the backward from ``blocked_attention_xla``, which the Pallas forward
-  is tested to equal; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
+  is tested to equal, chunk by chunk of blocks; no ``n x (block_size + sample_size)`` matrix is
+  kept between the passes or materialised whole in the backward.
   Cotangents of both ``out`` and ``lse`` are propagated.
   """
   return _forward(implementation)(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
@@ -110,13 +111,52 @@ def _vjp_fwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale, b
   return out, (qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight)
 
 
+# Elements of one chunk's [queries, block + samples] fp32 score matrix in the backward.
+_BWD_CHUNK_ELEMENTS = 1 << 26
+
+
+def _blocks_per_chunk(num_blocks: int, elements_per_block: int) -> int:
+  """The largest divisor of ``num_blocks`` whose chunk stays within the element budget."""
+  limit = max(1, _BWD_CHUNK_ELEMENTS // max(elements_per_block, 1))
+  return max(c for c in range(1, min(num_blocks, limit) + 1) if num_blocks % c == 0)
+
+
 def _vjp_bwd(scale, block_size, implementation, res, cotangents):
+  """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan).
+
+  Blocks are independent except for the shared samples, whose gradients are summed over the
+  chunks in float32; peak memory is one chunk's score matrix (``_BWD_CHUNK_ELEMENTS``).
+  """
   del implementation
   qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight = res
-  stage = lambda *x: blocked_attention_xla(*x, samp_pos, n_valid, log_weight, scale=scale,
-                                           block_size=block_size)
-  _, vjp = jax.vjp(stage, qs, ks, vs, k_samp, v_samp)
-  return (*vjp(cotangents), None, None, None)
+  d_out, d_lse = cotangents
+  b, kh, g, tq, h = qs.shape
+  nb = ks.shape[2] // block_size
+  qb, m = tq // nb, k_samp.shape[2]
+  c = _blocks_per_chunk(nb, b * kh * g * qb * (block_size + m))
+  nc = nb // c
+  chunk_q = lambda x: jnp.moveaxis(x.reshape(b, kh, g, nc, c * qb, *x.shape[4:]), 3, 0)
+  chunk_k = lambda x: jnp.moveaxis(x.reshape(b, kh, nc, c * block_size, h), 2, 0)
+  unchunk = lambda x, axis, n: jnp.moveaxis(x, 0, axis).reshape(x.shape[1:axis + 1] + (n, h))
+
+  def body(acc, xs):
+    i, q_c, k_c, v_c, do_c, dl_c = xs
+    offset = i * c * block_size  # positions relative to the chunk's first key
+    stage = lambda q, k, v, k_s, v_s: blocked_attention_xla(
+        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, log_weight, scale=scale,
+        block_size=block_size)
+    _, vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp)
+    dq, dk, dv, dks, dvs = vjp((do_c, dl_c))
+    acc = (acc[0] + dks.astype(jnp.float32), acc[1] + dvs.astype(jnp.float32))
+    return acc, (dq, dk, dv)
+
+  zeros = jnp.zeros(k_samp.shape, jnp.float32)
+  (dks, dvs), (dq, dk, dv) = jax.lax.scan(
+      body, (zeros, zeros),
+      (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out), chunk_q(d_lse)))
+  dq = unchunk(dq, 3, tq)
+  dk, dv = unchunk(dk, 2, nb * block_size), unchunk(dv, 2, nb * block_size)
+  return (dq, dk, dv, dks.astype(k_samp.dtype), dvs.astype(v_samp.dtype), None, None, None)
 
 
 blocked_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -47,6 +47,11 @@ def _pow2_at_least(x: int, lo: int = 16) -> int:
   return p
 
 
+def _dot(a, b, trans_b=False):
+  """fp32 accumulation; fp32 operands are multiplied exactly (no TF32), like XLA at HIGHEST."""
+  return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False)
+
+
 def _kernel(*refs, scale, block_k, tiles_per_block, causal, has_samples):
   if has_samples:
     q_ref, k_ref, v_ref, kb_ref, ks_ref, vs_ref, sblk_ref, sb_ref, o_ref, lse_ref = refs
@@ -65,28 +70,33 @@ def _kernel(*refs, scale, block_k, tiles_per_block, causal, has_samples):
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return m_new, l, acc
 
-  def key_chunk(j, carry):
+  def key_chunk(j, carry, masked):
     sl = pl.ds(j * block_k, block_k)
-    s = plgpu.dot(q, k_ref[sl, :], trans_b=True) * scale + kb_ref[sl][None, :]
-    if causal:
+    s = _dot(q, k_ref[sl, :], trans_b=True) * scale + kb_ref[sl][None, :]
+    if masked:
       rows = row0 + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
       cols = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
       s = jnp.where(rows >= cols, s, _NEG_INF)
     return update(carry, s, v_ref[sl, :])
 
   n_chunks = k_ref.shape[0] // block_k
-  upper = jnp.minimum(n_chunks, (row0 + block_q + block_k - 1) // block_k) if causal else n_chunks
   carry = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
            jnp.zeros((block_q, head_dim), jnp.float32))
-  carry = lax.fori_loop(0, upper, key_chunk, carry)
+  if causal:  # chunks left of the diagonal need no mask; the diagonal ones do
+    below = row0 // block_k
+    upper = jnp.minimum(n_chunks, (row0 + block_q + block_k - 1) // block_k)
+    carry = lax.fori_loop(0, below, functools.partial(key_chunk, masked=False), carry)
+    carry = lax.fori_loop(below, upper, functools.partial(key_chunk, masked=True), carry)
+  else:
+    carry = lax.fori_loop(0, n_chunks, functools.partial(key_chunk, masked=False), carry)
 
   if has_samples:
     def sample_chunk(j, carry):
       sl = pl.ds(j * block_k, block_k)
-      s = plgpu.dot(q, ks_ref[sl, :], trans_b=True) * scale + sb_ref[sl][None, :]
+      s = _dot(q, ks_ref[sl, :], trans_b=True) * scale + sb_ref[sl][None, :]
       s = jnp.where(sblk_ref[sl][None, :] == block, _NEG_INF, s)
       return update(carry, s, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // block_k, sample_chunk, carry)
@@ -190,8 +200,8 @@ def blocked_attention_pallas(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_
   return out, lse
 
 
-def flash_attention_pallas(q, k, v, key_mask, causal: bool, scale: float, *, block_q: int = 64,
-                           block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
+def flash_attention_pallas(q, k, v, key_mask, causal: bool, scale: float, *, block_q: int = 128,
+                           block_k: int = 64, num_warps: int = 4, num_stages: int = 3):
   """Exact attention on GPU; same arguments and results as ``flash_attention_grouped``.
 
   q ``[B, Nkv, G, Tq, H]``, k/v ``[B, Nkv, Tk, H]``, key_mask ``[B, Tk]`` bool -> out like q,

@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmuls():
+  """fp32 references are exact fp32 on every backend (GPUs default to TF32 for fp32 dots)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture
 def seed(request):
   """A fresh seed per test run; set HYPERATTN_TEST_SEED to replay a failure."""

@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import blocked_attention, blocked_attention_xla
 from hyperattn_jax.exact import flash_attention_grouped
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
@@ -75,8 +76,9 @@ def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_blocked_vjp_matches_autodiff(seed, implementation):
-  """Custom VJP (recompute) == autodiff of the XLA stage, with out and lse cotangents."""
+def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
+  """Custom VJP (chunked recompute) == autodiff of the XLA stage, out and lse cotangents."""
+  monkeypatch.setattr(blocked_lib, "_BWD_CHUNK_ELEMENTS", 500)  # one block per chunk: 3 chunks
   args = _blocked_inputs(seed, 1, 2, 2, 3, 24, 16, 12, 8, jnp.float32, [40])
   diff, rest = args[:5], args[5:]
   w = jax.random.normal(jax.random.key(seed + 1), args[0].shape)
