@@ -24,7 +24,7 @@ from hyperattn_jax import lsh
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import causal_levels
 
-__all__ = ["reference_hyper_attention", "dense_attention"]
+__all__ = ["reference_hyper_attention", "dense_attention", "lsh_blocks"]
 
 _NEG_INF = float("-inf")
 
@@ -50,7 +50,14 @@ def _ranks(codes):
   return jnp.argsort(jnp.argsort(codes, axis=-1, stable=True), axis=-1, stable=True)
 
 
-def _noncausal_log_weights(q, k, key_mask, rng, config, scale):
+def lsh_blocks(q, k, key_mask, rng, config):
+  """Sorted-block ids and sample weights the non-causal approximation draws from ``rng``.
+
+  Returns ``q_block [B, Nq, Tq]`` and ``k_block [B, Nq, Tk]`` int (a query attends exactly to the
+  keys of its own block; masked keys may share a block id and must be excluded with ``key_mask``)
+  and ``sample_w
+  [B, Nq, Tk]`` float32 (``count * n_valid / sample_size`` for sampled keys, else 0), all O(n).
+  """
   b, tq, nq, h = q.shape
   tk, kh = k.shape[1], k.shape[2]
   g = nq // kh
@@ -72,8 +79,11 @@ def _noncausal_log_weights(q, k, key_mask, rng, config, scale):
   samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
   counts = jnp.sum(k_rank[..., :, None] == samp_pos[..., None, :], axis=-1)  # [B, Nkv, Tk]
   counts = jnp.repeat(counts, g, axis=1).astype(jnp.float32)
-  sample_w = counts * (n_valid[:, None, None] / config.sample_size)
+  return q_block, k_block, counts * (n_valid[:, None, None] / config.sample_size)
 
+
+def _noncausal_log_weights(q, k, key_mask, rng, config, scale):
+  q_block, k_block, sample_w = lsh_blocks(q, k, key_mask, rng, config)
   s = _scores(q, k, scale)
   same = q_block[..., :, None] == k_block[..., None, :]
   log_w = jnp.where(same, s, jnp.where(sample_w[:, :, None, :] > 0,
