@@ -237,3 +237,27 @@ def test_mixed_dtypes_rejected():
   q = jnp.ones((1, 8, 1, 4), jnp.float32)
   with pytest.raises(TypeError, match="one dtype"):
     exact_attention(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_finite_with_huge_scores_and_zero_for_masked_keys(seed, causal):
+  """Scores up to ~1e4 (no overflow in the exps or merges); masked keys get exactly 0."""
+  q, k, v = make_qkv(seed, 2, 160, 160, 2, 1, 16)
+  q, k = 50.0 * q, 50.0 * k  # |q.k| / sqrt(16) reaches ~1e4
+  scores = jnp.einsum("bqnh,bknh->bnqk", q, jnp.repeat(k, 2, axis=2)) / 4.0
+  assert float(jnp.max(jnp.abs(scores))) > 5e3
+  key_mask = jnp.arange(160)[None, :] < jnp.array([[160], [97]])
+  f = lambda q, k, v: hyper_attention(q, k, v, rng=jax.random.key(seed), causal=causal,
+                                      config=SMALL, key_mask=key_mask, return_lse=True)
+  w = jax.random.normal(jax.random.key(seed + 1), q.shape)
+
+  def loss(q, k, v):
+    out, lse = f(q, k, v)
+    return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+  for g in grads[1:]:
+    assert np.all(np.asarray(g[1, 97:]) == 0)
+    assert np.any(np.asarray(g[1, :97]) != 0)
