@@ -151,7 +151,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     pos = lsh.draw_sample_positions(rng, n_valid, kh, config.sample_size)
     k_s = jnp.take_along_axis(ks, pos[..., None], axis=-2)
     v_s = jnp.take_along_axis(vs, pos[..., None], axis=-2)
-    lw = jnp.log(n_valid.astype(jnp.float32) / config.sample_size)
+    lw = jnp.broadcast_to(jnp.log(n_valid.astype(jnp.float32) / config.sample_size)[:, None, None],
+                          pos.shape)
     stage = hyper_lib._blocked_stage(impl)  # pylint: disable=protected-access
     blocked_fn = jax.jit(lambda *a: stage(*a, scale=hd ** -0.5, block_size=bs))
     args = (qs, ks, vs, k_s, v_s, pos, n_valid, lw)

@@ -75,7 +75,7 @@ def _blocked_inputs(rng):
   pos = lsh.draw_sample_positions(kp, n_valid, h, m)
   k_s = jnp.take_along_axis(ks, pos[..., None], axis=-2)
   v_s = jnp.take_along_axis(vs, pos[..., None], axis=-2)
-  log_w = jnp.log(n_valid.astype(jnp.float32) / m)
+  log_w = jnp.broadcast_to(jnp.log(n_valid.astype(jnp.float32) / m)[:, None, None], pos.shape)
   return (qs, ks, vs, k_s, v_s, pos, n_valid, log_w), dict(scale=d ** -0.5, block_size=bs)
 
 

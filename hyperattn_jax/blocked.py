@@ -7,7 +7,9 @@ they are tested against. One softmax over the concatenation of
   * the shared sampled keys (``sample_size`` keys), each carrying the log-weight
     ``log(n_valid / sample_size)`` and masked when it lies in the query's own block,
 
-is exactly the log-sum-exp merge of the two parts.
+is exactly the log-sum-exp merge of the two parts. Each sample ``j`` carries its own log-weight
+(``log(n_valid / sample_size)`` for the uniform sampler; ``-log(sample_size * p_j)`` for a
+sampler with probabilities ``p_j``), so the sampled sums are unbiased estimates of the residual.
 
 Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` query rows each):
   qs       ``[batch, kv_heads, group, nb * qb, head_dim]``  sorted queries
@@ -15,7 +17,7 @@ Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` qu
            is invalid (invalid keys are sorted last)
   k_samp, v_samp ``[batch, kv_heads, sample_size, head_dim]`` sampled keys
   samp_pos ``[batch, kv_heads, sample_size]`` int32 sorted positions of the samples
-  n_valid  ``[batch]`` int32 valid keys; log_weight ``[batch]`` float32
+  n_valid  ``[batch]`` int32 valid keys; log_weight ``[batch, kv_heads, sample_size]`` float32
   returns out like qs (qs.dtype) and lse ``[batch, kv_heads, group, nb * qb]`` float32.
 """
 
@@ -65,7 +67,7 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   s_blk = jnp.where(blk_valid[:, None, :, None, :], s_blk, _NEG_INF)
 
   s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=acc)
-  s_smp = s_smp * scale + log_weight[:, None, None, None, None]
+  s_smp = s_smp * scale + log_weight[:, :, None, None, :]
   own_block = (samp_pos // block_size)[:, :, None, :] == jnp.arange(nb)[None, None, :, None]
   s_smp = jnp.where(own_block[:, :, :, None, :], _NEG_INF, s_smp)         # [b, k, nb, 1, m]
 
@@ -94,11 +96,10 @@ def blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
                       block_size: int, implementation: str):
   """The blocked stage with the chosen forward (``"xla"`` or ``"pallas"``) and one VJP.
 
-  The VJP saves only the inputs (sorted q/k/v, samples, positions: all O(n)) and recomputes the
-  stage's probabilities in the backward from ``blocked_attention_xla``, which the Pallas forward
-  is tested to equal, chunk by chunk of blocks; no ``n x (block_size + sample_size)`` matrix is
-  kept between the passes or materialised whole in the backward.
-  Cotangents of both ``out`` and ``lse`` are propagated.
+  The VJP differentiates q, k, v, the samples and their log-weights, for cotangents of both
+  ``out`` and ``lse``; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
+  ``"pallas"`` saves (out, lse) and runs the Pallas backward kernels; ``"xla"`` saves only the
+  inputs and recomputes the stage chunk by chunk of blocks (the autodiff reference).
   """
   return _forward(implementation)(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
                                   scale=scale, block_size=block_size)
@@ -108,10 +109,11 @@ def _vjp_fwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale, b
              implementation):
   out = blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
                           block_size, implementation)
-  return out, (qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight)
+  saved = out if implementation == "pallas" else None
+  return out, (qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, saved)
 
 
-# Elements of one chunk's [queries, block + samples] fp32 score matrix in the backward.
+# Elements of one chunk's [queries, block + samples] fp32 score matrix in the XLA backward.
 _BWD_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -121,15 +123,13 @@ def _blocks_per_chunk(num_blocks: int, elements_per_block: int) -> int:
   return max(c for c in range(1, min(num_blocks, limit) + 1) if num_blocks % c == 0)
 
 
-def _vjp_bwd(scale, block_size, implementation, res, cotangents):
+def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_out, d_lse, *,
+                   scale, block_size):
   """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan).
 
   Blocks are independent except for the shared samples, whose gradients are summed over the
   chunks in float32; peak memory is one chunk's score matrix (``_BWD_CHUNK_ELEMENTS``).
   """
-  del implementation
-  qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight = res
-  d_out, d_lse = cotangents
   b, kh, g, tq, h = qs.shape
   nb = ks.shape[2] // block_size
   qb, m = tq // nb, k_samp.shape[2]
@@ -142,21 +142,37 @@ def _vjp_bwd(scale, block_size, implementation, res, cotangents):
   def body(acc, xs):
     i, q_c, k_c, v_c, do_c, dl_c = xs
     offset = i * c * block_size  # positions relative to the chunk's first key
-    stage = lambda q, k, v, k_s, v_s: blocked_attention_xla(
-        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, log_weight, scale=scale,
+    stage = lambda q, k, v, k_s, v_s, w: blocked_attention_xla(
+        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, w, scale=scale,
         block_size=block_size)
-    _, vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp)
-    dq, dk, dv, dks, dvs = vjp((do_c, dl_c))
-    acc = (acc[0] + dks.astype(jnp.float32), acc[1] + dvs.astype(jnp.float32))
+    _, vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight)
+    dq, dk, dv, *d_samples = vjp((do_c, dl_c))
+    acc = tuple(a + d.astype(jnp.float32) for a, d in zip(acc, d_samples))
     return acc, (dq, dk, dv)
 
-  zeros = jnp.zeros(k_samp.shape, jnp.float32)
-  (dks, dvs), (dq, dk, dv) = jax.lax.scan(
-      body, (zeros, zeros),
+  zeros = (jnp.zeros(k_samp.shape, jnp.float32), jnp.zeros(v_samp.shape, jnp.float32),
+           jnp.zeros(log_weight.shape, jnp.float32))
+  (dks, dvs, dw), (dq, dk, dv) = jax.lax.scan(
+      body, zeros,
       (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out), chunk_q(d_lse)))
   dq = unchunk(dq, 3, tq)
   dk, dv = unchunk(dk, 2, nb * block_size), unchunk(dv, 2, nb * block_size)
-  return (dq, dk, dv, dks.astype(k_samp.dtype), dvs.astype(v_samp.dtype), None, None, None)
+  return dq, dk, dv, dks, dvs, dw
+
+
+def _vjp_bwd(scale, block_size, implementation, res, cotangents):
+  *inputs, saved = res
+  if implementation == "pallas":
+    from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
+    grads = blocked_attention_bwd_pallas(*inputs, *saved, *cotangents, scale=scale,
+                                         block_size=block_size)
+  else:
+    grads = _recompute_bwd(*inputs, *cotangents, scale=scale, block_size=block_size)
+  dq, dk, dv, dks, dvs, dw = grads
+  qs, ks, vs, k_samp, v_samp, _, _, log_weight = inputs
+  cast = lambda d, x: d.astype(x.dtype)
+  return (cast(dq, qs), cast(dk, ks), cast(dv, vs), cast(dks, k_samp), cast(dvs, v_samp), None,
+          None, cast(dw, log_weight))
 
 
 blocked_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -161,8 +161,8 @@ def flash_attention_grouped(q, k, v, key_mask, causal: bool, scale: float, chunk
 
   Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``. ``causal`` requires
   ``q_len == kv_len`` (query ``i`` sees keys ``j <= i``). ``implementation`` picks the forward
-  (``"xla"`` chunked loops here, ``"pallas"`` the GPU kernel); the VJP is the chunked
-  recomputation below for both.
+  and backward: ``"xla"`` the chunked loops here, ``"pallas"`` the GPU kernels (both the
+  flash recomputation from the saved log-sum-exp).
   """
   return _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
 
@@ -173,11 +173,15 @@ def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation):
 
 
 def _vjp_bwd(causal, scale, chunk, implementation, res, cotangents):
-  del implementation
   q, k, v, key_mask, out, lse = res
   d_out, d_lse = cotangents
-  dq, dk, dv = _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk)
-  return dq, dk, dv, None
+  if implementation == "pallas":
+    from pallas_kernels import flash_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
+    dq, dk, dv = flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal,
+                                            scale)
+  else:
+    dq, dk, dv = _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 flash_attention_grouped.defvjp(_vjp_fwd, _vjp_bwd)

@@ -149,7 +149,8 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
   samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
   k_samp = jnp.take_along_axis(ks, samp_pos[..., None], axis=-2)
   v_samp = jnp.take_along_axis(vs, samp_pos[..., None], axis=-2)
-  log_weight = jnp.log(n_valid.astype(jnp.float32) / config.sample_size)
+  log_weight = jnp.broadcast_to(
+      jnp.log(n_valid.astype(jnp.float32) / config.sample_size)[:, None, None], samp_pos.shape)
 
   # 2+3. blocked stage with the sampled residual, merged inside one softmax.
   out_s, lse_s = _blocked_stage(implementation)(
