@@ -9,7 +9,8 @@ numbers compare like with like, and writes one JSON file (plus a log on stdout):
 Timing: ``jax.jit``, warm-up calls, then the median of ``--reps`` calls each ended by
 ``block_until_ready`` (host clock around a synchronised call). Inputs: random normal, bf16,
 [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds per-stage timings of
-HyperAttention (hash, sort+gather, blocked stage, unsort; base case and each causal level).
+HyperAttention, forward and backward (hash, sort+gather, blocked stage, unsort; base case,
+each causal level and its merge); plot them with experiments/plot_breakdown.py.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
 Plot with experiments/plot_bench.py.
 """
@@ -129,59 +130,83 @@ def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
   return fwd * (3.5 if mode == "fwdbwd" else 1.0)
 
 
-def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
-  """Times of the non-causal stages at one sub-problem shape, and of the causal parts."""
-  def noncausal_stages(qq, kk, vv):
-    b, tq, nq, hd = qq.shape
-    tk, kh = kk.shape[1], kk.shape[2]
-    bs, r = config.block_size, config.lsh_num_projs
-    proj = lsh.draw_projections(rng, kh, hd, r)
-    qg, kg, vg = hyper_lib._to_grouped(qq, kk, vv, kh)  # pylint: disable=protected-access
-    hash_fn = jax.jit(lambda qg, kg: (lsh.lsh_sort_keys(qg, proj), lsh.lsh_sort_keys(kg, proj)))
-    qc, kc = hash_fn(qg, kg)
+def _fwd_bwd_ms(fn, args, n_diff: int):
+  """Median forward ms of ``jit(fn)``, and backward ms (forward+backward minus forward) w.r.t.
+  the first ``n_diff`` args with fixed random cotangents (0 args: forward only)."""
+  fwd = jax.jit(fn)
+  result = {"fwd_ms": _median_ms(fwd, *args)[0]}
+  if n_diff:
+    out = fwd(*args)
+    leaves, tree = jax.tree.flatten(out)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    cot = jax.tree.unflatten(tree, [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype)
+                                    for kk, x in zip(keys, leaves)])
 
-    def sort_gather(qg, kg, vg, qc, kc):
-      qp = jnp.argsort(qc, axis=-1, stable=True)
-      kp = jnp.argsort(kc, axis=-1, stable=True)
-      g = lambda x, p: jnp.take_along_axis(x, p[..., None], axis=-2)
-      return g(qg, qp), g(kg, kp), g(vg, kp), qp
-    sort_fn = jax.jit(sort_gather)
-    qs, ks, vs, qp = sort_fn(qg, kg, vg, qc, kc)
+    def fwdbwd(*a):
+      _, vjp = jax.vjp(lambda *d: fn(*d, *a[n_diff:]), *a[:n_diff])
+      return vjp(cot)
+    total = _median_ms(jax.jit(fwdbwd), *args)[0]
+    result["bwd_ms"] = max(total - result["fwd_ms"], 0.0)
+  return result
+
+
+def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
+  """Forward and backward times of HyperAttention's stages (the functions of ``hyper.py``):
+  hash, sort+gather (incl. samples), blocked stage, unsort; causal adds the base case and each
+  level's merge. Backward = jit(forward+backward) - jit(forward), per stage."""
+  scale = FLAGS.head_dim ** -0.5
+
+  def noncausal_stages(qq, kk, vv):
+    b, tq, _, hd = qq.shape
+    tk, kh = kk.shape[1], kk.shape[2]
+    bs = config.block_size
+    nb = -(-tk // bs)
+    qb = -(-tq // nb)
+    proj = lsh.draw_projections(rng, kh, hd, config.lsh_num_projs)
     n_valid = jnp.full((b,), tk, jnp.int32)
-    pos = lsh.draw_sample_positions(rng, n_valid, kh, config.sample_size)
-    k_s = jnp.take_along_axis(ks, pos[..., None], axis=-2)
-    v_s = jnp.take_along_axis(vs, pos[..., None], axis=-2)
-    lw = jnp.broadcast_to(jnp.log(n_valid.astype(jnp.float32) / config.sample_size)[:, None, None],
-                          pos.shape)
+    qg, kg, vg = hyper_lib._to_grouped(qq, kk, vv, kh)  # pylint: disable=protected-access
+    hash_fn = lambda qg, kg: hyper_lib._lsh_sort_keys(  # pylint: disable=protected-access
+        qg, kg, None, proj, nb * qb, nb * bs)
+    qc, kc = jax.jit(hash_fn)(qg, kg)
+
+    def sort_sample(qg, kg, vg, qc, kc):
+      qs, ks, vs, _ = hyper_lib._sort(qg, kg, vg, qc, kc)  # pylint: disable=protected-access
+      pos, lw = lsh.draw_samples(rng, config.sampler, vs, n_valid, config.sample_size)
+      take = lambda x: jnp.take_along_axis(x, pos[..., None], axis=-2)
+      return qs, ks, vs, take(ks), take(vs), lw
+    qs, ks, vs, k_s, v_s, lw = jax.jit(sort_sample)(qg, kg, vg, qc, kc)
+    pos = lsh.draw_samples(rng, config.sampler, vs, n_valid, config.sample_size)[0]
     stage = hyper_lib._blocked_stage(impl)  # pylint: disable=protected-access
-    blocked_fn = jax.jit(lambda *a: stage(*a, scale=hd ** -0.5, block_size=bs))
-    args = (qs, ks, vs, k_s, v_s, pos, n_valid, lw)
-    out_s, _ = blocked_fn(*args)
-    unsort_fn = jax.jit(hyper_lib._unsort)  # pylint: disable=protected-access
-    flops = 4 * b * nq * tq * (bs + config.sample_size) * hd
-    t_blocked = _median_ms(blocked_fn, *args)[0]
-    return {"hash_ms": _median_ms(hash_fn, qg, kg)[0],
-            "sort_gather_ms": _median_ms(sort_fn, qg, kg, vg, qc, kc)[0],
-            "blocked_ms": t_blocked,
-            "blocked_tflops": flops / t_blocked / 1e9,
-            "unsort_ms": _median_ms(unsort_fn, out_s, qp)[0]}
+    blocked = lambda qs, ks, vs, k_s, v_s, lw: stage(qs, ks, vs, k_s, v_s, pos, n_valid, lw,
+                                                     scale=scale, block_size=bs)
+    out_s, lse_s = jax.jit(blocked)(qs, ks, vs, k_s, v_s, lw)
+    q_perm = jnp.argsort(qc, axis=-1, stable=True)
+    unsort = lambda o, l, p: (hyper_lib._unsort(o, p), hyper_lib._unsort(l, p))  # pylint: disable=protected-access
+    res = {"hash": _fwd_bwd_ms(hash_fn, (qg, kg), 0),
+           "sort_gather": _fwd_bwd_ms(sort_sample, (qg, kg, vg, qc, kc), 3),
+           "blocked": _fwd_bwd_ms(blocked, (qs, ks, vs, k_s, v_s, lw), 6),
+           "unsort": _fwd_bwd_ms(unsort, (out_s, lse_s, q_perm), 2)}
+    res["blocked"]["fwd_tflops"] = (4 * b * qq.shape[2] * tq * (bs + config.sample_size) * hd /
+                                    res["blocked"]["fwd_ms"] / 1e9)
+    return res
 
   if not causal:
     return {"noncausal": noncausal_stages(q, k, v)}
   levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
-  b = q.shape[0]
+  b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
-  base_impl = "pallas" if impl == "pallas" else "xla"
-  base_fn = jax.jit(functools.partial(exact_attention, causal=True, return_lse=True,
-                                      **({"implementation": base_impl}
-                                         if base_impl == "pallas" else {})))
-  result = {"base_case_ms": _median_ms(base_fn, fold(q), fold(k), fold(v))[0], "levels": []}
+  base_fn = lambda q, k, v: hyper_lib._exact_grouped(  # pylint: disable=protected-access
+      q, k, v, None, True, scale, config, impl)
+  result = {"base_case": _fwd_bwd_ms(base_fn, (fold(q), fold(k), fold(v)), 3), "levels": []}
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     qd = q.reshape(b * parts, 2, half, *q.shape[2:])[:, 1]
     kd = k.reshape(b * parts, 2, half, *k.shape[2:])[:, 0]
     vd = v.reshape(b * parts, 2, half, *v.shape[2:])[:, 0]
-    result["levels"].append(noncausal_stages(qd, kd, vd))
+    level = noncausal_stages(qd, kd, vd)
+    lse = jnp.zeros((b * parts, nq, half), jnp.float32)
+    level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 4)
+    result["levels"].append(level)
   return result
 
 

@@ -9,7 +9,10 @@ Sources of q/k/v (``--source``):
   * ``random``: Gaussian q/k/v, the contrast case (near-uniform attention).
 For each layer and each (block_size, sample_size, lsh_num_projs) of the grid it records per head
 alpha, kappa, LSH recall and the output errors (``hyperattn_jax.diagnostics``) as JSON, and plots
-an error-vs-cost curve (cost = keys per query = block + samples) and per-layer/head heatmaps:
+an error-vs-cost curve (cost = keys per query = block + samples) and per-layer/head heatmaps.
+``--estimators`` adds the paper's estimator options (``sampler/normalizer`` pairs of
+``HyperAttentionConfig``) to the grid, compared at equal keys per query in
+``estimators_vs_cost.png`` (``approx_d`` also pays one more blocked pass and rows x n scores):
 
   python experiments/quality.py --source=checkpoint --workdir=/tmp/lm --seq_len=8192 --out_dir=DIR
 """
@@ -44,6 +47,9 @@ flags.DEFINE_integer("head_dim", 64, "Head dimension (synthetic sources).")
 flags.DEFINE_list("block_sizes", ["64", "128", "256"], "Grid of block sizes.")
 flags.DEFINE_list("sample_sizes", ["64", "256"], "Grid of sample sizes.")
 flags.DEFINE_list("lsh_num_projs", ["4", "7"], "Grid of LSH hyperplane counts.")
+flags.DEFINE_list("estimators", ["uniform/merged"],
+                  "sampler/normalizer pairs: uniform|value_norm / merged|approx_d.")
+flags.DEFINE_float("approx_d_kappa", 100.0, "kappa of the approx_d normaliser.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs and of the LSH/sampling draws.")
 flags.DEFINE_integer("chunk_size", 256, "Query rows per diagnostics chunk.")
 FLAGS = flags.FLAGS
@@ -84,24 +90,46 @@ def checkpoint_layers(workdir: str, seq_len: int):
           for name in sorted(inter, key=lambda s: int(s.split("_")[-1]))}
 
 
-def study(layers, grid, seed: int, chunk_size: int):
+def study(layers, grid, seed: int, chunk_size: int, estimators, kappa: float):
   rows = []
-  for (name, (q, k, v)), (bs, m, r) in itertools.product(layers.items(), grid):
+  for (name, (q, k, v)), (bs, m, r), est in itertools.product(layers.items(), grid, estimators):
+    sampler, normalizer = est.split("/")
     config = HyperAttentionConfig(block_size=bs, sample_size=m, lsh_num_projs=r,
-                                  min_seq_len=bs)
+                                  min_seq_len=bs, sampler=sampler, normalizer=normalizer,
+                                  approx_d_kappa=kappa)
     diag = attention_diagnostics(q, k, v, rng=jax.random.key(seed), config=config,
                                  chunk_size=chunk_size)
     rows.append({"layer": name, "block_size": bs, "sample_size": m, "lsh_num_projs": r,
-                 "keys_per_query": bs + m,
+                 "estimator": est, "keys_per_query": bs + m,
                  **{key: np.asarray(val[0]).tolist() for key, val in diag.items()}})
-    print(f"{name:>10} bs={bs:<4} m={m:<4} r={r}  rel_err="
+    print(f"{name:>10} bs={bs:<4} m={m:<4} r={r} {est:>20}  rel_err="
           f"{np.mean(rows[-1]['rel_fro_error']):.4f}  recall={np.mean(rows[-1]['lsh_recall_mean']):.3f}"
           f"  alpha={np.max(rows[-1]['alpha']):.1f}  kappa={np.max(rows[-1]['kappa']):.3g}",
           flush=True)
   return rows
 
 
+def plot_estimators(rows, out_dir: str):
+  """Mean relative error over layers/heads vs keys per query, one line per (estimator, r)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for est, r in sorted({(row["estimator"], row["lsh_num_projs"]) for row in rows}):
+    sel = [x for x in rows if x["estimator"] == est and x["lsh_num_projs"] == r]
+    cost = sorted({x["keys_per_query"] for x in sel})
+    err = [np.mean([x["rel_fro_error"] for x in sel if x["keys_per_query"] == c]) for c in cost]
+    ax.plot(cost, err, "o-", label=f"{est}, r={r}")
+  ax.set(xlabel="keys per query (block + samples)", ylabel="mean relative Frobenius error",
+         xscale="log", yscale="log", title="estimators at equal cost")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "estimators_vs_cost.png"), dpi=120)
+  plt.close(fig)
+
+
 def plot(rows, out_dir: str):
+  if len({row["estimator"] for row in rows}) > 1:
+    plot_estimators(rows, out_dir)
+  rows = [x for x in rows if x["estimator"] == rows[0]["estimator"]]
   fig, ax = plt.subplots(figsize=(6, 4))
   for (layer, r) in sorted({(row["layer"], row["lsh_num_projs"]) for row in rows}):
     sel = sorted((x for x in rows if x["layer"] == layer and x["lsh_num_projs"] == r),
@@ -143,7 +171,8 @@ def main(argv):
                               FLAGS.seed)
   grid = list(itertools.product(*(map(int, x) for x in (FLAGS.block_sizes, FLAGS.sample_sizes,
                                                         FLAGS.lsh_num_projs))))
-  rows = study(layers, grid, FLAGS.seed, FLAGS.chunk_size)
+  rows = study(layers, grid, FLAGS.seed, FLAGS.chunk_size, FLAGS.estimators,
+               FLAGS.approx_d_kappa)
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
   with open(os.path.join(FLAGS.out_dir, "quality.json"), "w", encoding="utf-8") as f:

@@ -21,6 +21,19 @@ class HyperAttentionConfig:
       of the exact diagonal base blocks of the causal recursion.
     exact_chunk_size: query/key chunk of the memory-safe exact attention (base case and
       ``exact_attention``); only affects speed and peak memory, never the result.
+    sampler: how the residual keys are drawn. ``"uniform"`` (default, the practical
+      algorithm): uniformly, weight ``n / sample_size``. ``"value_norm"`` (the paper's
+      approximate matrix product): with probability ``p_j`` proportional to ``|v_j|^2``, weight
+      ``1 / (sample_size * p_j)``.
+    normalizer: the row normaliser. ``"merged"`` (default, the practical algorithm): the
+      block and sampled parts share one softmax (their LSEs add). ``"approx_d"`` (the paper's
+      ApproxD): the same, but the residual part of each row sum is clamped from below by
+      ``tau / approx_d_kappa``, where ``tau`` is the largest exact residual row sum over
+      ``approx_d_rows`` uniformly drawn query rows (costs one more blocked-stage pass and
+      ``approx_d_rows x n`` exact scores).
+    approx_d_kappa: the paper's kappa (ratio of the largest to the smallest residual row sum)
+      assumed by ``"approx_d"``; must be >= 1.
+    approx_d_rows: query rows drawn to estimate ``tau`` for ``"approx_d"``.
   """
 
   block_size: int = 256
@@ -28,9 +41,22 @@ class HyperAttentionConfig:
   lsh_num_projs: int = 7
   min_seq_len: int = 4096
   exact_chunk_size: int = 512
+  sampler: str = "uniform"
+  normalizer: str = "merged"
+  approx_d_kappa: float = 100.0
+  approx_d_rows: int = 256
 
   def __post_init__(self):
-    for name in ("block_size", "sample_size", "lsh_num_projs", "min_seq_len", "exact_chunk_size"):
+    for name, allowed in (("sampler", ("uniform", "value_norm")),
+                          ("normalizer", ("merged", "approx_d"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"HyperAttentionConfig.{name} must be one of {allowed}, got "
+                         f"{getattr(self, name)!r}")
+    kappa = self.approx_d_kappa
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not kappa >= 1:
+      raise ValueError(f"HyperAttentionConfig.approx_d_kappa must be a number >= 1, got {kappa!r}")
+    for name in ("block_size", "sample_size", "lsh_num_projs", "min_seq_len", "exact_chunk_size",
+                 "approx_d_rows"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"HyperAttentionConfig.{name} must be a positive int, got {value!r}")

@@ -52,7 +52,7 @@ def _row_chunks(x, chunk):
 @functools.partial(jax.jit, static_argnames=("config", "scale", "chunk", "power_iters"))
 def _diagnostics(q, k, v, key_mask, rng, config, scale, chunk, power_iters):
   b, tq = q.shape[:2]
-  q_block, k_block, _ = lsh_blocks(q, k, key_mask, rng, config)
+  q_block, k_block, _, _ = lsh_blocks(q, k, key_mask, rng, config, v)
   qh, kh, vh = _heads_major(q, k, v)
   pad = -tq % chunk
   row_valid = jnp.pad(jnp.ones((b, 1, tq), bool), ((0, 0), (0, 0), (0, pad)))

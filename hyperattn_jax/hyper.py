@@ -110,6 +110,80 @@ def _unsort(x_sorted, perm):
   return one(x_sorted, perm)
 
 
+def _lsh_sort_keys(qg, kg, key_mask, projections, q_rows, k_rows):
+  """Stage 1a, hashing: Gray-rank sort keys of q ``[B, Nkv, G, q_rows]`` and k ``[B, Nkv,
+  k_rows]``; masked keys and padding rows get ``2**r`` (they sort after every real bucket)."""
+  invalid_code = 2 ** projections.shape[-1]
+  tq, tk = qg.shape[3], kg.shape[2]
+  q_code = jnp.pad(lsh.lsh_sort_keys(qg, projections), ((0, 0),) * 3 + ((0, q_rows - tq),),
+                   constant_values=invalid_code)
+  k_code = lsh.lsh_sort_keys(kg, projections)
+  if key_mask is not None:
+    k_code = jnp.where(key_mask[:, None, :], k_code, invalid_code)
+  k_code = jnp.pad(k_code, ((0, 0), (0, 0), (0, k_rows - tk)), constant_values=invalid_code)
+  return q_code, k_code
+
+
+def _sort(qg, kg, vg, q_code, k_code):
+  """Stage 1b: stable sort of the (zero-padded) rows by their sort keys; returns qs, ks, vs and
+  the query permutation."""
+  q_perm = jnp.argsort(q_code, axis=-1, stable=True)
+  k_perm = jnp.argsort(k_code, axis=-1, stable=True)
+  pad_rows = lambda x, n: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, n - x.shape[-2]), (0, 0)))
+  take = lambda x, perm: jnp.take_along_axis(pad_rows(x, perm.shape[-1]), perm[..., None], -2)
+  return take(qg, q_perm), take(kg, k_perm), take(vg, k_perm), q_perm
+
+
+def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
+  """ApproxD's ``log tau`` ``[B, Nkv, G]``: the largest exact residual row sum (keys outside the
+  row's own block) over the sorted query rows ``rows`` ``[B, Nkv, r]``, chunked over keys."""
+  b, kh, g, _, h = qs.shape
+  n = ks.shape[2]
+  q_r = jnp.take_along_axis(qs, jnp.broadcast_to(rows[:, :, None, :, None],
+                                                 (b, kh, g, rows.shape[-1], 1)), axis=3)
+  own = (rows // q_block)[:, :, None, :, None]                              # [B, Nkv, 1, r, 1]
+  c = min(chunk, n)
+  nc = -(-n // c)
+  ks_p = jnp.pad(ks, ((0, 0), (0, 0), (0, nc * c - n), (0, 0)))
+
+  def chunk_lse(i):
+    k_c = jax.lax.dynamic_slice_in_dim(ks_p, i * c, c, axis=2)
+    pos = i * c + jnp.arange(c)
+    s = jnp.einsum("bkgrh,bkch->bkgrc", q_r, k_c, preferred_element_type=jnp.float32) * scale
+    keep = (pos < n_valid[:, None, None, None, None]) & (pos // block_size != own)
+    return jax.nn.logsumexp(jnp.where(keep, s, _NEG_INF), axis=-1)
+
+  lse = jax.nn.logsumexp(jax.lax.map(chunk_lse, jnp.arange(nc)), axis=0)   # [B, Nkv, G, r]
+  return jnp.max(lse, axis=-1)
+
+
+def _attend_blocks(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, rows_rng,
+                   config: HyperAttentionConfig, scale, implementation, q_len):
+  """Stages 2+3: the blocked stage with the sampled residual, normalised as configured.
+
+  ``"approx_d"``: ``log d = max(lse, logaddexp(lse_heavy, log tau - log kappa))``, i.e. the
+  residual row sum ``exp(lse) - exp(lse_heavy)`` clamped from below by ``tau / kappa``; the
+  output is rescaled to that normaliser (the clamp adds mass with value 0).
+  """
+  stage = _blocked_stage(implementation)
+  bs = config.block_size
+  out, lse = stage(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale=scale,
+                   block_size=bs)
+  if config.normalizer == "merged":
+    return out, lse
+  no_samples = jnp.full_like(log_weight, _NEG_INF)
+  _, lse_heavy = stage(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, no_samples, scale=scale,
+                       block_size=bs)
+  b, kh, _, tq_p, _ = qs.shape
+  rows = lsh.draw_rows(rows_rng, b, kh, q_len, config.approx_d_rows)
+  q_block = tq_p // (ks.shape[2] // bs)
+  log_tau = _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, bs, config.exact_chunk_size)
+  floor = jnp.logaddexp(lse_heavy, (log_tau - jnp.log(config.approx_d_kappa))[..., None])
+  lse_d = jnp.maximum(lse, floor)
+  rescale = jnp.where(lse == _NEG_INF, 0.0, jnp.exp(lse - lse_d))
+  return (out.astype(jnp.float32) * rescale[..., None]).astype(out.dtype), lse_d
+
+
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
                      implementation):
   """Approximate attention of q ``[B, Tq, Nq, H]`` over k/v ``[B, Tk, Nkv, H]``.
@@ -118,43 +192,30 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
   """
   b, tq, nq, h = q.shape
   tk, kh = k.shape[1], k.shape[2]
-  g = nq // kh
-  bs, r = config.block_size, config.lsh_num_projs
+  bs = config.block_size
   nb = _cdiv(tk, bs)
   qb = _cdiv(tq, nb)
-  invalid_code = 2 ** r  # sorts after every real bucket
 
   # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
-  proj_rng, sample_rng = jax.random.split(rng)
-  projections = lsh.draw_projections(proj_rng, kh, h, r)
+  proj_rng, sample_rng, rows_rng = jax.random.split(rng, 3)
+  projections = lsh.draw_projections(proj_rng, kh, h, config.lsh_num_projs)
   n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
              else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
 
   # 1. sortLSH (padding rows/keys get the invalid code, so they sort last).
   qg, kg, vg = _to_grouped(q, k, v, kh)
-  q_code = jnp.pad(lsh.lsh_sort_keys(qg, projections), ((0, 0),) * 3 + ((0, nb * qb - tq),),
-                   constant_values=invalid_code)
-  k_code = lsh.lsh_sort_keys(kg, projections)
-  if key_mask is not None:
-    k_code = jnp.where(key_mask[:, None, :], k_code, invalid_code)
-  k_code = jnp.pad(k_code, ((0, 0), (0, 0), (0, nb * bs - tk)), constant_values=invalid_code)
-  q_perm = jnp.argsort(q_code, axis=-1, stable=True)
-  k_perm = jnp.argsort(k_code, axis=-1, stable=True)
-  pad_rows = lambda x, n: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, n - x.shape[-2]), (0, 0)))
-  qs = jnp.take_along_axis(pad_rows(qg, nb * qb), q_perm[..., None], axis=-2)
-  ks = jnp.take_along_axis(pad_rows(kg, nb * bs), k_perm[..., None], axis=-2)
-  vs = jnp.take_along_axis(pad_rows(vg, nb * bs), k_perm[..., None], axis=-2)
+  q_code, k_code = _lsh_sort_keys(qg, kg, key_mask, projections, nb * qb, nb * bs)
+  qs, ks, vs, q_perm = _sort(qg, kg, vg, q_code, k_code)
 
-  # Samples are sorted positions in [0, n_valid): uniform over the valid keys.
-  samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
+  # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
+  samp_pos, log_weight = lsh.draw_samples(sample_rng, config.sampler, vs, n_valid,
+                                          config.sample_size)
   k_samp = jnp.take_along_axis(ks, samp_pos[..., None], axis=-2)
   v_samp = jnp.take_along_axis(vs, samp_pos[..., None], axis=-2)
-  log_weight = jnp.broadcast_to(
-      jnp.log(n_valid.astype(jnp.float32) / config.sample_size)[:, None, None], samp_pos.shape)
 
   # 2+3. blocked stage with the sampled residual, merged inside one softmax.
-  out_s, lse_s = _blocked_stage(implementation)(
-      qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale=scale, block_size=bs)
+  out_s, lse_s = _attend_blocks(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                                rows_rng, config, scale, implementation, tq)
 
   # 4. unsort, drop the padded query rows.
   out = _unsort(out_s, q_perm)[:, :, :, :tq]

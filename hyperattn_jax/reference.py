@@ -4,8 +4,12 @@ It builds the full ``[batch, heads, q_seq, kv_seq]`` matrix of log-weights that 
 gives each (query, key) pair and takes one softmax over it:
 
 * same sorted block (query rank // q_block == key rank // block_size): weight ``exp(s)``;
-* otherwise, a key sampled ``c`` times: weight ``c * n_valid / sample_size * exp(s)``;
+* otherwise, a key sampled ``c`` times: weight ``exp(s)`` times the sum of its samples'
+  weights (``c * n_valid / sample_size`` for the uniform sampler);
 * otherwise (or masked keys): 0.
+
+The ``"approx_d"`` normaliser adds, per row, a phantom mass with value 0 (its row sum's lower
+clamp), carried as a separate log-mass beside the matrix.
 
 Causal: exact causal weights on the diagonal base blocks, and each recursion level's lower-left
 quadrants filled from the non-causal weights. Summing unnormalised weights is what the
@@ -36,11 +40,14 @@ def _scores(q, k, scale):
   return jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
 
 
-def _softmax_out(log_w, v):
-  """Softmax over the last axis of log-weights ``[B, N, Tq, Tk]`` applied to v."""
+def _softmax_out(log_w, v, log_phantom=None):
+  """Softmax over the last axis of log-weights ``[B, N, Tq, Tk]`` applied to v; an optional
+  phantom log-mass ``[B, N, Tq]`` (value 0) joins the normaliser."""
   g = log_w.shape[1] // v.shape[2]
   v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
   lse = jax.nn.logsumexp(log_w, axis=-1)
+  if log_phantom is not None:
+    lse = jnp.logaddexp(lse, log_phantom)
   p = jnp.where(lse[..., None] == _NEG_INF, 0.0, jnp.exp(log_w - lse[..., None]))
   return jnp.einsum("bnqk,bknh->bqnh", p, v), lse
 
@@ -50,13 +57,20 @@ def _ranks(codes):
   return jnp.argsort(jnp.argsort(codes, axis=-1, stable=True), axis=-1, stable=True)
 
 
-def lsh_blocks(q, k, key_mask, rng, config):
+def _grouped(x, kv_heads):
+  """``[B, T, N, H]`` -> ``[B, Nkv, G, T, H]``."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def lsh_blocks(q, k, key_mask, rng, config, v=None):
   """Sorted-block ids and sample weights the non-causal approximation draws from ``rng``.
 
   Returns ``q_block [B, Nq, Tq]`` and ``k_block [B, Nq, Tk]`` int (a query attends exactly to the
-  keys of its own block; masked keys may share a block id and must be excluded with ``key_mask``)
-  and ``sample_w
-  [B, Nq, Tk]`` float32 (``count * n_valid / sample_size`` for sampled keys, else 0), all O(n).
+  keys of its own block; masked keys may share a block id and must be excluded with ``key_mask``),
+  ``sample_w [B, Nq, Tk]`` float32 (the summed weights of a key's samples, else 0) and
+  ``q_rank [B, Nq, Tq]`` (sorted position of each query), all O(n). ``v`` is needed by the
+  ``"value_norm"`` sampler.
   """
   b, tq, nq, h = q.shape
   tk, kh = k.shape[1], k.shape[2]
@@ -64,31 +78,55 @@ def lsh_blocks(q, k, key_mask, rng, config):
   bs, r = config.block_size, config.lsh_num_projs
   nb = -(-tk // bs)
   qb = -(-tq // nb)
-  proj_rng, sample_rng = jax.random.split(rng)
+  proj_rng, sample_rng, _ = jax.random.split(rng, 3)
   projections = lsh.draw_projections(proj_rng, kh, h, r)
   n_valid = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
 
   # [B, Nkv, G, Tq] and [B, Nkv, Tk] sort keys; invalid keys last.
-  q_codes = lsh.lsh_sort_keys(q.reshape(b, tq, kh, g, h).transpose(0, 2, 3, 1, 4), projections)
+  q_codes = lsh.lsh_sort_keys(_grouped(q, kh), projections)
   k_codes = lsh.lsh_sort_keys(k.transpose(0, 2, 1, 3), projections)
   k_codes = jnp.where(key_mask[:, None, :], k_codes, 2 ** r)
-  q_block = (_ranks(q_codes) // qb).reshape(b, nq, tq)
+  q_rank = _ranks(q_codes).reshape(b, nq, tq)
   k_rank = _ranks(k_codes)                                             # [B, Nkv, Tk]
   k_block = jnp.repeat(k_rank // bs, g, axis=1)                        # [B, Nq, Tk]
 
-  samp_pos = lsh.draw_sample_positions(sample_rng, n_valid, kh, config.sample_size)
-  counts = jnp.sum(k_rank[..., :, None] == samp_pos[..., None, :], axis=-1)  # [B, Nkv, Tk]
-  counts = jnp.repeat(counts, g, axis=1).astype(jnp.float32)
-  return q_block, k_block, counts * (n_valid[:, None, None] / config.sample_size)
+  if config.sampler == "value_norm" and v is None:
+    raise ValueError("lsh_blocks needs v for the 'value_norm' sampler")
+  vs_sorted = None if v is None else jnp.take_along_axis(
+      v.transpose(0, 2, 1, 3), jnp.argsort(k_codes, axis=-1, stable=True)[..., None], axis=2)
+  if vs_sorted is None:  # the uniform draw only needs the shape
+    vs_sorted = jnp.zeros((b, kh, tk, 1), jnp.float32)
+  samp_pos, log_w = lsh.draw_samples(sample_rng, config.sampler, vs_sorted, n_valid,
+                                     config.sample_size)
+  hits = k_rank[..., :, None] == samp_pos[..., None, :]                # [B, Nkv, Tk, m]
+  sample_w = jnp.sum(jnp.where(hits, jnp.exp(log_w)[..., None, :], 0.0), axis=-1)
+  return q_rank // qb, k_block, jnp.repeat(sample_w, g, axis=1), q_rank
 
 
-def _noncausal_log_weights(q, k, key_mask, rng, config, scale):
-  q_block, k_block, sample_w = lsh_blocks(q, k, key_mask, rng, config)
+def _noncausal_log_weights(q, k, v, key_mask, rng, config, scale):
+  """Log-weights ``[B, Nq, Tq, Tk]`` and the phantom log-mass ``[B, Nq, Tq]`` (or None)."""
+  q_block, k_block, sample_w, q_rank = lsh_blocks(q, k, key_mask, rng, config, v)
   s = _scores(q, k, scale)
   same = q_block[..., :, None] == k_block[..., None, :]
+  valid = key_mask[:, None, None, :]
   log_w = jnp.where(same, s, jnp.where(sample_w[:, :, None, :] > 0,
                                        s + jnp.log(sample_w)[:, :, None, :], _NEG_INF))
-  return jnp.where(key_mask[:, None, None, :], log_w, _NEG_INF)
+  log_w = jnp.where(valid, log_w, _NEG_INF)
+  if config.normalizer == "merged":
+    return log_w, None
+  # ApproxD: tau = the largest exact residual row sum over the drawn sorted query rows.
+  b, tq, nq, _ = q.shape
+  kh = k.shape[2]
+  rows = lsh.draw_rows(jax.random.split(rng, 3)[2], b, kh, tq, config.approx_d_rows)
+  rows = jnp.repeat(rows, nq // kh, axis=1)                            # [B, Nq, r]
+  drawn = jnp.any(q_rank[..., :, None] == rows[..., None, :], axis=-1)  # [B, Nq, Tq]
+  residual = jax.nn.logsumexp(jnp.where(valid & ~same, s, _NEG_INF), axis=-1)
+  log_tau = jnp.max(jnp.where(drawn, residual, _NEG_INF), axis=-1, keepdims=True)
+  lse = jax.nn.logsumexp(log_w, axis=-1)
+  lse_heavy = jax.nn.logsumexp(jnp.where(valid & same, s, _NEG_INF), axis=-1)
+  lse_d = jnp.maximum(lse, jnp.logaddexp(lse_heavy, log_tau - jnp.log(config.approx_d_kappa)))
+  gap = jnp.where(lse_d > lse, lse - lse_d, _NEG_INF)
+  return log_w, jnp.where(lse_d > lse, lse_d + jnp.log1p(-jnp.exp(gap)), _NEG_INF)
 
 
 def _exact_log_weights(q, k, key_mask, causal, scale):
@@ -99,13 +137,14 @@ def _exact_log_weights(q, k, key_mask, causal, scale):
   return jnp.where(valid, s, _NEG_INF)
 
 
-def _causal_log_weights(q, k, key_mask, rng, config, scale):
+def _causal_log_weights(q, k, v, key_mask, rng, config, scale):
   b, t, nq, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
   tp = base * 2 ** levels
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
-  q, k, key_mask = pad(q), pad(k), pad(key_mask)
+  q, k, v, key_mask = pad(q), pad(k), pad(v), pad(key_mask)
   log_w = jnp.full((b, nq, tp, tp), _NEG_INF, jnp.float32)
+  phantom = jnp.full((b, nq, tp), _NEG_INF, jnp.float32)
   for i in range(2 ** levels):
     sl = slice(i * base, (i + 1) * base)
     log_w = log_w.at[:, :, sl, sl].set(
@@ -114,14 +153,17 @@ def _causal_log_weights(q, k, key_mask, rng, config, scale):
     parts, half = 2 ** d, tp // 2 ** (d + 1)
     halves = lambda x, which: x.reshape((b, parts, 2, half) + x.shape[2:])[:, :, which].reshape(
         (b * parts, half) + x.shape[2:])
-    w = _noncausal_log_weights(halves(q, 1), halves(k, 0), halves(key_mask, 0),
-                               jax.random.fold_in(rng, d), config, scale)
+    w, ph = _noncausal_log_weights(halves(q, 1), halves(k, 0), halves(v, 0), halves(key_mask, 0),
+                                   jax.random.fold_in(rng, d), config, scale)
     w = w.reshape(b, parts, nq, half, half)
     for p in range(parts):
       rows = slice((2 * p + 1) * half, (2 * p + 2) * half)
       cols = slice(2 * p * half, (2 * p + 1) * half)
       log_w = log_w.at[:, :, rows, cols].set(w[:, p])
-  return log_w[:, :, :t, :t]
+      if ph is not None:
+        ph_p = ph.reshape(b, parts, nq, half)[:, p]
+        phantom = phantom.at[:, :, rows].set(jnp.logaddexp(phantom[:, :, rows], ph_p))
+  return log_w[:, :, :t, :t], phantom[:, :, :t]
 
 
 def reference_hyper_attention(query, key, value, *, rng, causal=False,
@@ -135,16 +177,17 @@ def reference_hyper_attention(query, key, value, *, rng, causal=False,
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   b, tk = key.shape[0], key.shape[1]
   key_mask = jnp.ones((b, tk), jnp.bool_) if key_mask is None else key_mask
+  phantom = None
   if causal:
     if query.shape[1] <= config.min_seq_len:
       log_w = _exact_log_weights(query, key, key_mask, True, scale)
     else:
-      log_w = _causal_log_weights(query, key, key_mask, rng, config, scale)
+      log_w, phantom = _causal_log_weights(query, key, value, key_mask, rng, config, scale)
   elif tk <= max(config.min_seq_len, config.block_size):
     log_w = _exact_log_weights(query, key, key_mask, False, scale)
   else:
-    log_w = _noncausal_log_weights(query, key, key_mask, rng, config, scale)
-  return _softmax_out(log_w, value)
+    log_w, phantom = _noncausal_log_weights(query, key, value, key_mask, rng, config, scale)
+  return _softmax_out(log_w, value, phantom)
 
 
 def dense_attention(query, key, value, *, causal=False, scale=None, key_mask=None):

@@ -15,7 +15,7 @@ CFG = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=4, min_s
 
 def _brute_force(q, k, v, key_mask, rng, config):
   """Dense float64 numpy transcription of the definitions."""
-  q_block, k_block, _ = map(np.asarray, lsh_blocks(q, k, key_mask, rng, config))
+  q_block, k_block, _, _ = map(np.asarray, lsh_blocks(q, k, key_mask, rng, config))
   g = q.shape[2] // k.shape[2]
   q64 = np.asarray(q, np.float64).transpose(0, 2, 1, 3)
   k64 = np.repeat(np.asarray(k, np.float64), g, axis=2).transpose(0, 2, 1, 3)

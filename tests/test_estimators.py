@@ -1,0 +1,83 @@
+"""The paper's estimator options: the |v|^2 sampler and the ApproxD normaliser."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_qkv, rel_err
+from hyperattn_jax import HyperAttentionConfig, hyper_attention
+from hyperattn_jax import lsh
+from hyperattn_jax.reference import reference_hyper_attention
+
+SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min_seq_len=64,
+                             exact_chunk_size=48)
+OPTIONS = [  # sampler, normalizer, causal
+    ("value_norm", "merged", False),
+    ("uniform", "approx_d", False),
+    ("value_norm", "approx_d", True),
+]
+
+
+@pytest.mark.parametrize("sampler,normalizer,causal", OPTIONS)
+def test_options_match_dense_reference_values_and_gradients(seed, sampler, normalizer, causal):
+  cfg = dataclasses.replace(SMALL, sampler=sampler, normalizer=normalizer, approx_d_kappa=3.0,
+                            approx_d_rows=8)
+  q, k, v = make_qkv(seed, 2, 301, 301, 4, 2, 16)
+  v = v * jnp.linspace(0.1, 3.0, 301)[None, :, None, None]  # uneven |v|: non-uniform draws
+  key_mask = jnp.arange(301)[None, :] < jnp.array([[301], [250]])
+  rng = jax.random.key(seed)
+  run = lambda cfg, q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=cfg,
+                                             key_mask=key_mask, return_lse=True)
+  out, lse = run(cfg, q, k, v)
+  ref_out, ref_lse = reference_hyper_attention(q, k, v, rng=rng, causal=causal, config=cfg,
+                                               key_mask=key_mask)
+  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)
+  # The option changes the result (the test can fail if it were ignored).
+  assert rel_err(out, run(SMALL, q, k, v)[0]) > 1e-3
+  if normalizer == "approx_d":  # the clamp only ever adds mass
+    base = run(dataclasses.replace(cfg, normalizer="merged"), q, k, v)[1]
+    assert np.all(np.asarray(lse) >= np.asarray(base) - 1e-5)
+    assert np.any(np.asarray(lse) > np.asarray(base) + 1e-3)
+  w = jax.random.normal(jax.random.key(seed + 1), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v)[0] * w) + jnp.sum(f(q, k, v)[1])
+  g = jax.grad(loss(lambda *x: run(cfg, *x)), (0, 1, 2))(q, k, v)
+  g_ref = jax.grad(loss(lambda *x: reference_hyper_attention(
+      *x, rng=rng, causal=causal, config=cfg, key_mask=key_mask)), (0, 1, 2))(q, k, v)
+  for a, b in zip(g, g_ref):
+    assert rel_err(a, b) < 1e-5
+
+
+def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
+  """E[sum_s w_s f(pos_s)] = sum_j f(j); draws land in proportion to |v_j|^2."""
+  n, m = 40, 40000
+  v = jax.random.normal(jax.random.key(seed), (1, 1, n + 8, 4)) * jnp.linspace(0.2, 2.0, n + 8)[
+      None, None, :, None]
+  n_valid = jnp.array([n], jnp.int32)
+  pos, log_w = lsh.draw_samples(jax.random.key(seed + 1), "value_norm", v, n_valid, m)
+  pos, w = np.asarray(pos[0, 0]), np.exp(np.asarray(log_w[0, 0], np.float64))
+  assert pos.min() >= 0 and pos.max() < n
+  sq = np.sum(np.asarray(v[0, 0, :n], np.float64) ** 2, axis=-1)
+  np.testing.assert_allclose(w, 1.0 / (m * sq[pos] / sq.sum()), rtol=1e-4)
+  freq = np.bincount(pos, minlength=n) / m
+  p = sq / sq.sum()
+  assert np.all(np.abs(freq - p) < 6 * np.sqrt(p * (1 - p) / m) + 1e-4)
+  f = np.sin(np.arange(n)) + 2.0
+  assert abs(np.sum(w * f[pos]) - f.sum()) / f.sum() < 0.05
+  empty = lsh.draw_samples(jax.random.key(0), "value_norm", v, jnp.array([0]), 8)[1]
+  assert np.all(np.isneginf(np.asarray(empty)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sampler="importance"), "sampler"),
+    (dict(normalizer="exact"), "normalizer"),
+    (dict(approx_d_kappa=0.5), "approx_d_kappa"),
+    (dict(approx_d_kappa="10"), "approx_d_kappa"),
+    (dict(approx_d_rows=0), "approx_d_rows"),
+])
+def test_bad_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    HyperAttentionConfig(**kwargs)
