@@ -66,14 +66,19 @@ def test_blocked_kernel_matches_xla(seed, shape, dtype, atol):
   _assert_lse_close(lse, ref_lse, atol)
 
 
+def _flash_inputs(seed, dtype):
+  """GQA 3, odd length and head_dim; keys 0..9 of batch 1 masked (causal rows 0..9 empty)."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (2, 2, 3, 77, 24)).astype(dtype)
+  k = jax.random.normal(ks[1], (2, 2, 77, 24)).astype(dtype)
+  v = jax.random.normal(ks[2], (2, 2, 77, 24)).astype(dtype)
+  return q, k, v, (jax.random.uniform(ks[3], (2, 77)) > 0.3).at[1, :10].set(False)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (2, 2, 3, 77, 24)).astype(dtype)   # GQA 3, odd length and dim
-  k = jax.random.normal(ks[1], (2, 2, 77, 24)).astype(dtype)
-  v = jax.random.normal(ks[2], (2, 2, 77, 24)).astype(dtype)
-  mask = (jax.random.uniform(ks[3], (2, 77)) > 0.3).at[1, :10].set(False)  # row 0..9 empty
+  q, k, v, mask = _flash_inputs(seed, dtype)
   out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, block_q=32, block_k=16)
   ref_out, ref_lse = flash_attention_grouped(q, k, v, mask, causal, 0.2, 32)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
@@ -118,11 +123,7 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (2, 2, 3, 77, 24)).astype(dtype)   # GQA 3, odd length and dim
-  k = jax.random.normal(ks[1], (2, 2, 77, 24)).astype(dtype)
-  v = jax.random.normal(ks[2], (2, 2, 77, 24)).astype(dtype)
-  mask = (jax.random.uniform(ks[3], (2, 77)) > 0.3).at[1, :10].set(False)  # row 0..9 empty
+  q, k, v, mask = _flash_inputs(seed, dtype)
   (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention_grouped(q, k, v, mask, causal, 0.2,
                                                                     32), q, k, v)
   d_out, d_lse = _cotangents(seed, out, lse)
