@@ -24,11 +24,13 @@ Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` qu
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["blocked_attention", "blocked_attention_xla", "softmax_out_lse"]
+__all__ = ["RowWindow", "blocked_attention", "blocked_attention_xla", "softmax_out_lse",
+           "grouped_rows", "sorted_rows", "unsort_rows", "unsort_stats"]
 
 _NEG_INF = float("-inf")
 
@@ -84,35 +86,6 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   return out.astype(qs.dtype), lse
 
 
-def _forward(implementation):
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_pallas
-  return blocked_attention_xla
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale: float,
-                      block_size: int, implementation: str):
-  """The blocked stage with the chosen forward (``"xla"`` or ``"pallas"``) and one VJP.
-
-  The VJP differentiates q, k, v, the samples and their log-weights, for cotangents of both
-  ``out`` and ``lse``; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
-  ``"pallas"`` saves (out, lse) and runs the Pallas backward kernels; ``"xla"`` saves only the
-  inputs and recomputes the stage chunk by chunk of blocks (the autodiff reference).
-  """
-  return _forward(implementation)(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                                  scale=scale, block_size=block_size)
-
-
-def _vjp_fwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale, block_size,
-             implementation):
-  out = blocked_attention(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
-                          block_size, implementation)
-  saved = out if implementation == "pallas" else None
-  return out, (qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, saved)
-
-
 # Elements of one chunk's [queries, block + samples] fp32 score matrix in the XLA backward.
 _BWD_CHUNK_ELEMENTS = 1 << 26
 
@@ -160,19 +133,151 @@ def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_
   return dq, dk, dv, dks, dvs, dw
 
 
-def _vjp_bwd(scale, block_size, implementation, res, cotangents):
+# ----------------------------------------------------------------------------------------------
+# Rows by index: the stage in the public layout, the sort order given by permutations
+
+
+class RowWindow(NamedTuple):
+  """Where one problem's rows lie (static): its queries are rows ``[q_offset, q_offset + q_len)``
+  of q, its keys rows ``[k_offset, k_offset + k_len)`` of k/v (a causal level's quadrants are
+  windows of the same arrays, so no sliced copies are made)."""
+  q_offset: int
+  q_len: int
+  k_offset: int
+  k_len: int
+
+
+def _row_index(perm):
+  """(problem, head) index arrays broadcasting against ``perm`` ``[P, Nkv, G, n]``."""
+  p, kh, g, _ = perm.shape
+  heads = jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :]
+  return jnp.arange(p)[:, None, None, None], heads[None, :, :, None]
+
+
+def grouped_rows(x, perm, offset: int = 0):
+  """Rows ``offset + perm`` of ``x`` ``[P, R, N, ...]`` -> heads-major ``[P, Nkv, G, n, ...]``
+  (zeros for -1)."""
+  pi, hi = _row_index(perm)
+  rows = x[pi, offset + jnp.maximum(perm, 0), hi]
+  return jnp.where((perm >= 0).reshape(perm.shape + (1,) * (x.ndim - 3)), rows, 0)
+
+
+def _public(xg):
+  """Heads-major ``[P, Nkv, G, n, ...]`` -> ``[P, n, Nkv * G, ...]``."""
+  x = jnp.moveaxis(xg, 3, 1)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+def sorted_rows(x, perm, offset: int = 0):
+  """Rows of ``x`` ``[P, R, N, ...]`` in the order ``perm`` ``[P, Nkv, G, n]`` (local rows,
+  ``offset`` added; -1 gives a zero row) -> ``[P, n, N, ...]``; head ``kv * G + g`` follows
+  ``perm[:, kv, g]`` (for keys, ``G = 1`` and ``N = Nkv``)."""
+  return _public(grouped_rows(x, perm, offset))
+
+
+def unsort_rows(xs, perm, length: int):
+  """Inverse of :func:`sorted_rows`: ``xs`` ``[P, n, N, ...]`` -> ``[P, length, N, ...]``.
+
+  Every local row ``0 .. length-1`` must occur once in each ``perm[p, kv, g]``; -1 rows are
+  dropped.
+  """
+  p, kh, g, n = perm.shape
+  pi, hi = _row_index(perm)
+  spare = length + jnp.arange(n, dtype=perm.dtype)       # distinct out-of-range rows, dropped
+  rows = jnp.where(perm >= 0, perm, spare)
+  vals = jnp.moveaxis(xs.reshape((p, n, kh, g) + xs.shape[3:]), 1, 3)
+  out = jnp.zeros((p, length) + xs.shape[2:], xs.dtype)
+  return out.at[pi, rows, hi].set(vals, mode="drop", unique_indices=True)
+
+
+def unsort_stats(xs, perm, length: int):
+  """:func:`unsort_rows` of per-row statistics in the ``[P, N, n]`` layout."""
+  return jnp.swapaxes(unsort_rows(jnp.swapaxes(xs, 1, 2), perm, length), 1, 2)
+
+
+def _sorted_inputs(q, k, v, q_perm, k_perm, window):
+  """qs ``[P, Nkv, G, n, H]``, ks/vs ``[P, Nkv, n_k, H]`` in sorted order."""
+  kp = k_perm[:, :, None]
+  return (grouped_rows(q, q_perm, window.q_offset),
+          grouped_rows(k, kp, window.k_offset)[:, :, 0],
+          grouped_rows(v, kp, window.k_offset)[:, :, 0])
+
+
+def _embed(d, window_offset, rows):
+  """Gradient of a window ``[P, len, ...]`` placed in the full ``[P, rows, ...]`` (zeros)."""
+  after = rows - window_offset - d.shape[1]
+  return jnp.pad(d, ((0, 0), (window_offset, after)) + ((0, 0),) * (d.ndim - 2))
+
+
+def _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
+             block_size, window, implementation):
+  if implementation == "pallas":
+    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
+    return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                                    log_weight, scale=scale, block_size=block_size,
+                                    window=window)
+  qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
+  out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                                   scale=scale, block_size=block_size)
+  return (unsort_rows(_public(out), q_perm, window.q_len),
+          unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                      scale: float, block_size: int, window: RowWindow, implementation: str):
+  """The blocked stage on rows by index, with the chosen forward (``"xla"``/``"pallas"``).
+
+  Args:
+    q: ``[P, Rq, N, H]``; k, v: ``[P, Rk, Nkv, H]`` (public layout; the problem's rows are
+      ``window``'s).
+    q_perm: ``[P, Nkv, G, nb * qb]`` int32 local query rows in sorted order (-1: padding row).
+    k_perm: ``[P, Nkv, nb * block_size]`` int32 local key rows in sorted order (-1: padding);
+      sorted positions ``>= n_valid`` are invalid keys, and -1 entries may only lie there.
+    k_samp, v_samp, samp_pos, n_valid, log_weight: as ``blocked_attention_xla``.
+  Returns:
+    out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` float32, unsorted.
+
+  The VJP differentiates q, k, v, the samples and their log-weights, for cotangents of both
+  ``out`` and ``lse``; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
+  ``"pallas"`` saves (out, lse) and runs the Pallas backward kernels; ``"xla"`` saves only the
+  inputs and recomputes the stage chunk by chunk of blocks (the autodiff reference).
+  """
+  return _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
+                  block_size, window, implementation)
+
+
+def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
+             block_size, window, implementation):
+  out = _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
+                 block_size, window, implementation)
+  saved = out if implementation == "pallas" else None
+  return out, (q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, saved)
+
+
+def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
   *inputs, saved = res
+  q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight = inputs
+  d_out, d_lse = cotangents
   if implementation == "pallas":
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    grads = blocked_attention_bwd_pallas(*inputs, *saved, *cotangents, scale=scale,
-                                         block_size=block_size)
+    dq, dk, dv, dks, dvs, dw = blocked_attention_bwd_pallas(
+        *inputs, *saved, d_out, d_lse, scale=scale, block_size=block_size, window=window)
   else:
-    grads = _recompute_bwd(*inputs, *cotangents, scale=scale, block_size=block_size)
-  dq, dk, dv, dks, dvs, dw = grads
-  qs, ks, vs, k_samp, v_samp, _, _, log_weight = inputs
+    qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
+    dq, dk, dv, dks, dvs, dw = _recompute_bwd(
+        qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+        grouped_rows(d_out, q_perm), grouped_rows(jnp.swapaxes(d_lse, 1, 2), q_perm),
+        scale=scale, block_size=block_size)
+    kp = k_perm[:, :, None]
+    dq = unsort_rows(_public(dq), q_perm, window.q_len)
+    dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
+    dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
   cast = lambda d, x: d.astype(x.dtype)
-  return (cast(dq, qs), cast(dk, ks), cast(dv, vs), cast(dks, k_samp), cast(dvs, v_samp), None,
-          None, cast(dw, log_weight))
+  return (cast(_embed(dq, window.q_offset, q.shape[1]), q),
+          cast(_embed(dk, window.k_offset, k.shape[1]), k),
+          cast(_embed(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
+          cast(dvs, v_samp), None, None, cast(dw, log_weight))
 
 
 blocked_attention.defvjp(_vjp_fwd, _vjp_bwd)

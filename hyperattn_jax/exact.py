@@ -4,7 +4,8 @@ No ``n x n`` matrix is ever materialised: queries are processed ``chunk`` rows a
 keys ``chunk`` columns at a time (fully masked causal chunks are skipped). The VJP recomputes
 the probabilities from the saved log-sum-exp, so the residuals are ``q, k, v, out, lse`` only.
 
-Internal layout (heads-major, grouped for GQA):
+``flash_attention`` takes the public layout ``[batch, seq, heads, head_dim]``; the loops work in
+the internal layout (heads-major, grouped for GQA):
   q ``[batch, kv_heads, group, q_len, head_dim]``, k/v ``[batch, kv_heads, kv_len, head_dim]``,
   key_mask ``[batch, kv_len]`` bool, out like q, lse ``[batch, kv_heads, group, q_len]`` float32.
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["flash_attention_grouped"]
+__all__ = ["flash_attention"]
 
 _NEG_INF = float("-inf")
 
@@ -147,22 +148,38 @@ def _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk):
   return dq.astype(q.dtype), dk[:, :, :tk].astype(k.dtype), dv[:, :, :tk].astype(v.dtype)
 
 
+def _grouped(q, k, v):
+  """Public ``[B, T, N, H]`` -> q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]`` (no repeats)."""
+  b, tq, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, tq, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _public(xg):
+  """Heads-major ``[B, Nkv, G, T, ...]`` -> ``[B, T, N, ...]``."""
+  x = jnp.moveaxis(xg, 3, 1)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
 def _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation):
   if implementation == "pallas":
     from pallas_kernels import flash_attention_pallas  # pylint: disable=import-outside-toplevel
     return flash_attention_pallas(q, k, v, key_mask, causal, scale)
-  return _forward(q, k, v, key_mask, causal, scale, chunk)
+  out, lse = _forward(*_grouped(q, k, v), key_mask, causal, scale, chunk)
+  return _public(out), _public(lse).swapaxes(1, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def flash_attention_grouped(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
-                            implementation: str = "xla"):
-  """Exact attention with LSE in the grouped heads-major layout (see module docstring).
+def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
+                    implementation: str = "xla"):
+  """Exact attention with LSE in the public layout.
 
-  Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``. ``causal`` requires
-  ``q_len == kv_len`` (query ``i`` sees keys ``j <= i``). ``implementation`` picks the forward
-  and backward: ``"xla"`` the chunked loops here, ``"pallas"`` the GPU kernels (both the
-  flash recomputation from the saved log-sum-exp).
+  q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool -> out like q, lse
+  ``[B, N, Tq]`` float32. Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``.
+  ``causal`` requires ``Tq == Tk`` (query ``i`` sees keys ``j <= i``). ``implementation`` picks
+  the forward and backward: ``"xla"`` the chunked loops here (heads-major), ``"pallas"`` the GPU
+  kernels (both the flash recomputation from the saved log-sum-exp).
   """
   return _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
 
@@ -180,8 +197,12 @@ def _vjp_bwd(causal, scale, chunk, implementation, res, cotangents):
     dq, dk, dv = flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal,
                                             scale)
   else:
-    dq, dk, dv = _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk)
+    grouped_stat = lambda x: x.reshape(x.shape[0], k.shape[2], -1, x.shape[-1])
+    qg, kg, vg = _grouped(q, k, v)
+    dq, dk, dv = _backward(qg, kg, vg, key_mask, _grouped(out, k, v)[0], grouped_stat(lse),
+                           _grouped(d_out, k, v)[0], grouped_stat(d_lse), causal, scale, chunk)
+    dq, dk, dv = _public(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-flash_attention_grouped.defvjp(_vjp_fwd, _vjp_bwd)
+flash_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -1,18 +1,21 @@
 """HyperAttention (Han et al., ICLR 2024), its stages top to bottom, and exact attention.
 
-Public layout ``[batch, seq, heads, head_dim]`` (as ``jax.nn.dot_product_attention``); the
-stages work heads-major and grouped for GQA: q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]``.
+Public layout ``[batch, seq, heads, head_dim]`` (as ``jax.nn.dot_product_attention``) from end
+to end: the sort order is carried as permutations (local row indices), never as sorted copies
+of q/k/v; GQA without repeating K/V (query head ``kv * G + g`` uses kv head ``kv``).
 
 Non-causal (``_hyper_noncausal``):
   0. draw the LSH hyperplanes and the samples from ``rng``;
-  1. sortLSH: hash q and k, stable-sort both by Gray rank of the bucket (invalid keys last);
+  1. sortLSH: hash q and k, stable-sort both by Gray rank of the bucket (invalid keys last):
+     the permutations ``q_perm [B, Nkv, G, rows]``, ``k_perm [B, Nkv, keys]``;
   2+3. blocked stage: the i-th sorted query block attends to the i-th sorted key block and to
-     the shared uniform samples (reweighted, own-block samples masked), in one softmax
-     (``blocked.py`` in XLA, ``pallas_kernels`` on GPU);
-  4. unsort the rows.
+     the shared uniform samples (reweighted, own-block samples masked), in one softmax,
+     reading rows by index (``blocked.py`` in XLA, ``pallas_kernels`` on GPU);
+  4. the outputs are written back to the unsorted rows by the same index.
 Causal (``_hyper_causal``): exact causal attention on the ``2**L`` diagonal base blocks, then for
-each recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched, through the
-non-causal algorithm; every part is merged into the running (out, lse) by log-sum-exp.
+each recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of
+the same arrays), through the non-causal algorithm; every part is merged into the running
+(out, lse) by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import jax.numpy as jnp
 
 from hyperattn_jax import checks
 from hyperattn_jax import lsh
-from hyperattn_jax.blocked import blocked_attention
+from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.exact import flash_attention_grouped
+from hyperattn_jax.exact import flash_attention
 
 __all__ = ["hyper_attention", "exact_attention", "merge_attention"]
 
@@ -42,17 +45,10 @@ def _cdiv(a: int, b: int) -> int:
 # Layout helpers
 
 
-def _to_grouped(q, k, v, kv_heads):
-  """``[B, T, N, H]`` -> q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]`` (no K/V repetition)."""
-  b, tq, nq, h = q.shape
-  qg = q.reshape(b, tq, kv_heads, nq // kv_heads, h).transpose(0, 2, 3, 1, 4)
-  return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _from_grouped(out, lse):
-  """out ``[B, Nkv, G, T, H]`` -> ``[B, T, N, H]``; lse ``[B, Nkv, G, T]`` -> ``[B, N, T]``."""
-  b, kh, g, t, h = out.shape
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, h), lse.reshape(b, kh * g, t)
+def _grouped_q(q, kv_heads):
+  """``[B, T, N, H]`` -> ``[B, Nkv, G, T, H]`` (query head ``kv * G + g``)."""
+  b, t, n, h = q.shape
+  return q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
 def merge_attention(out1, lse1, out2, lse2):
@@ -79,35 +75,16 @@ def merge_attention(out1, lse1, out2, lse2):
 # Exact attention (base case of the recursion and the exact baseline)
 
 
-def _exact_grouped(q, k, v, key_mask, causal, scale, config, implementation):
+def _exact(q, k, v, key_mask, causal, scale, config, implementation):
   """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
-  b, tk, kh = k.shape[0], k.shape[1], k.shape[2]
   if key_mask is None:
-    key_mask = jnp.ones((b, tk), jnp.bool_)
-  qg, kg, vg = _to_grouped(q, k, v, kh)
-  out, lse = flash_attention_grouped(qg, kg, vg, key_mask, causal, scale,
-                                     config.exact_chunk_size, implementation)
-  return _from_grouped(out, lse)
+    key_mask = jnp.ones(k.shape[:2], jnp.bool_)
+  return flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
+                         implementation)
 
 
 # ----------------------------------------------------------------------------------------------
 # Non-causal HyperAttention
-
-
-def _blocked_stage(implementation):
-  """The blocked stage (custom VJP) with the given forward, called like blocked_attention_xla."""
-  def stage(*args, scale, block_size):
-    return blocked_attention(*args, scale, block_size, implementation)
-  return stage
-
-
-def _unsort(x_sorted, perm):
-  """Inverse of ``take_along_axis(x, perm)`` along axis 3 of ``[B, K, G, T, ...]``."""
-  def one(xs, p):
-    return jnp.zeros_like(xs).at[p].set(xs, unique_indices=True)
-  for _ in range(3):
-    one = jax.vmap(one)
-  return one(x_sorted, perm)
 
 
 def _lsh_sort_keys(qg, kg, key_mask, projections, q_rows, k_rows):
@@ -124,14 +101,11 @@ def _lsh_sort_keys(qg, kg, key_mask, projections, q_rows, k_rows):
   return q_code, k_code
 
 
-def _sort(qg, kg, vg, q_code, k_code):
-  """Stage 1b: stable sort of the (zero-padded) rows by their sort keys; returns qs, ks, vs and
-  the query permutation."""
-  q_perm = jnp.argsort(q_code, axis=-1, stable=True)
-  k_perm = jnp.argsort(k_code, axis=-1, stable=True)
-  pad_rows = lambda x, n: jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((0, n - x.shape[-2]), (0, 0)))
-  take = lambda x, perm: jnp.take_along_axis(pad_rows(x, perm.shape[-1]), perm[..., None], -2)
-  return take(qg, q_perm), take(kg, k_perm), take(vg, k_perm), q_perm
+def _perm(code, valid_rows):
+  """Stage 1b: the stable sort of the rows by their sort keys, as local row indices (rows at
+  and beyond ``valid_rows`` are padding, -1)."""
+  perm = jnp.argsort(code, axis=-1, stable=True).astype(jnp.int32)
+  return jnp.where(perm < valid_rows, perm, -1)
 
 
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
@@ -157,70 +131,76 @@ def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
   return jnp.max(lse, axis=-1)
 
 
-def _attend_blocks(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, rows_rng,
-                   config: HyperAttentionConfig, scale, implementation, q_len):
+def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAttentionConfig,
+                   scale, implementation, window: RowWindow):
   """Stages 2+3: the blocked stage with the sampled residual, normalised as configured.
 
   ``"approx_d"``: ``log d = max(lse, logaddexp(lse_heavy, log tau - log kappa))``, i.e. the
   residual row sum ``exp(lse) - exp(lse_heavy)`` clamped from below by ``tau / kappa``; the
   output is rescaled to that normaliser (the clamp adds mass with value 0).
   """
-  stage = _blocked_stage(implementation)
   bs = config.block_size
-  out, lse = stage(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, scale=scale,
-                   block_size=bs)
+  k_samp, v_samp, samp_pos, n_valid, log_weight = samples
+  stage = lambda w: blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                                      w, scale, bs, window, implementation)
+  out, lse = stage(log_weight)
   if config.normalizer == "merged":
     return out, lse
-  no_samples = jnp.full_like(log_weight, _NEG_INF)
-  _, lse_heavy = stage(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, no_samples, scale=scale,
-                       block_size=bs)
-  b, kh, _, tq_p, _ = qs.shape
-  rows = lsh.draw_rows(rows_rng, b, kh, q_len, config.approx_d_rows)
-  q_block = tq_p // (ks.shape[2] // bs)
+  _, lse_heavy = stage(jnp.full_like(log_weight, _NEG_INF))
+  b, kh, g, rows_p = q_perm.shape
+  qs = grouped_rows(q, q_perm, window.q_offset)
+  ks = grouped_rows(k, k_perm[:, :, None], window.k_offset)[:, :, 0]
+  rows = lsh.draw_rows(rows_rng, b, kh, window.q_len, config.approx_d_rows)
+  q_block = rows_p // (k_perm.shape[-1] // bs)
   log_tau = _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, bs, config.exact_chunk_size)
-  floor = jnp.logaddexp(lse_heavy, (log_tau - jnp.log(config.approx_d_kappa))[..., None])
+  floor = jnp.logaddexp(lse_heavy, (log_tau - jnp.log(config.approx_d_kappa)).reshape(b, -1, 1))
   lse_d = jnp.maximum(lse, floor)
   rescale = jnp.where(lse == _NEG_INF, 0.0, jnp.exp(lse - lse_d))
-  return (out.astype(jnp.float32) * rescale[..., None]).astype(out.dtype), lse_d
+  out = out.astype(jnp.float32) * jnp.swapaxes(rescale, 1, 2)[..., None]
+  return out.astype(q.dtype), lse_d
 
 
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
-                     implementation):
-  """Approximate attention of q ``[B, Tq, Nq, H]`` over k/v ``[B, Tk, Nkv, H]``.
+                     implementation, window: RowWindow | None = None):
+  """Approximate attention of the window's queries over the window's keys.
 
-  key_mask: ``[B, Tk]`` bool or None. Returns out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``.
+  q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``; ``window`` (default: every row) says which rows
+  are this problem's; key_mask: ``[P, k_len]`` bool or None. Returns out ``[P, q_len, Nq, H]``,
+  lse ``[P, Nq, q_len]``.
   """
-  b, tq, nq, h = q.shape
-  tk, kh = k.shape[1], k.shape[2]
+  if window is None:
+    window = RowWindow(0, q.shape[1], 0, k.shape[1])
+  b, kh = q.shape[0], k.shape[2]
+  tq, tk = window.q_len, window.k_len
   bs = config.block_size
   nb = _cdiv(tk, bs)
   qb = _cdiv(tq, nb)
 
   # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
   proj_rng, sample_rng, rows_rng = jax.random.split(rng, 3)
-  projections = lsh.draw_projections(proj_rng, kh, h, config.lsh_num_projs)
+  projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
   n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
              else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
 
-  # 1. sortLSH (padding rows/keys get the invalid code, so they sort last).
-  qg, kg, vg = _to_grouped(q, k, v, kh)
+  # 1. sortLSH (padding rows/keys get the invalid code, so they sort last): local row orders.
+  window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
+  qg = _grouped_q(window_rows(q, window.q_offset, tq), kh)
+  kg = window_rows(k, window.k_offset, tk).transpose(0, 2, 1, 3)
   q_code, k_code = _lsh_sort_keys(qg, kg, key_mask, projections, nb * qb, nb * bs)
-  qs, ks, vs, q_perm = _sort(qg, kg, vg, q_code, k_code)
+  q_perm, k_perm = _perm(q_code, tq), _perm(k_code, tk)
 
   # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
+  key_rows = lambda x, perm: grouped_rows(x, perm[:, :, None], window.k_offset)[:, :, 0]
+  vs = (key_rows(v, k_perm) if config.sampler == "value_norm"
+        else jnp.zeros((b, kh, nb * bs, 1), v.dtype))  # the uniform draw needs only the shape
   samp_pos, log_weight = lsh.draw_samples(sample_rng, config.sampler, vs, n_valid,
                                           config.sample_size)
-  k_samp = jnp.take_along_axis(ks, samp_pos[..., None], axis=-2)
-  v_samp = jnp.take_along_axis(vs, samp_pos[..., None], axis=-2)
+  samp_rows = jnp.take_along_axis(k_perm, samp_pos, axis=-1)
+  samples = (key_rows(k, samp_rows), key_rows(v, samp_rows), samp_pos, n_valid, log_weight)
 
-  # 2+3. blocked stage with the sampled residual, merged inside one softmax.
-  out_s, lse_s = _attend_blocks(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                                rows_rng, config, scale, implementation, tq)
-
-  # 4. unsort, drop the padded query rows.
-  out = _unsort(out_s, q_perm)[:, :, :, :tq]
-  lse = _unsort(lse_s, q_perm)[..., :tq]
-  return _from_grouped(out, lse)
+  # 2+3+4. blocked stage with the sampled residual in one softmax, written back unsorted.
+  return _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config, scale,
+                        implementation, window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,12 +224,6 @@ def _split_halves(x, parts, axis):
   return take(0), take(1)
 
 
-def _fold_parts(x, axis):
-  """``[B, parts, ...]`` with parts at ``axis`` (after the batch) -> merged into the batch."""
-  x = jnp.moveaxis(x, axis, 1)
-  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
 def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
   b, t, nq, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
@@ -260,8 +234,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
 
   # Base case: exact causal attention on the 2**L diagonal blocks, one batched call.
   fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
-  out, lse = _exact_grouped(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config,
-                            implementation)
+  out, lse = _exact(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config,
+                    implementation)
   out = out.reshape(b, tp, nq, h)
   lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
 
@@ -269,12 +243,11 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
   for d in range(levels):
     parts = 2 ** d
     half = tp // (2 * parts)
-    q2 = _fold_parts(_split_halves(q, parts, 1)[1], 1)
-    k1 = _fold_parts(_split_halves(k, parts, 1)[0], 1)
-    v1 = _fold_parts(_split_halves(v, parts, 1)[0], 1)
-    m1 = _fold_parts(_split_halves(key_mask, parts, 1)[0], 1)
-    o_d, l_d = _hyper_noncausal(q2, k1, v1, m1, jax.random.fold_in(rng, d), config, scale,
-                                implementation)
+    # Each quadrant reads rows [half, 2 half) (queries) and [0, half) (keys) of its pair.
+    pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
+    m1 = pairs(key_mask)[:, :half]
+    o_d, l_d = _hyper_noncausal(pairs(q), pairs(k), pairs(v), m1, jax.random.fold_in(rng, d),
+                                config, scale, implementation, RowWindow(half, half, 0, half))
     out_first, out_second = _split_halves(out, parts, 1)      # [B, parts, half, N, H]
     lse_first, lse_second = _split_halves(lse, parts, 2)      # [B, N, parts, half]
     o_d = o_d.reshape(b, parts, half, nq, h)
@@ -310,10 +283,10 @@ def _pallas_available() -> bool:
 def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation):
   if causal:
     if q.shape[1] <= config.min_seq_len:
-      return _exact_grouped(q, k, v, key_mask, True, scale, config, implementation)
+      return _exact(q, k, v, key_mask, True, scale, config, implementation)
     return _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   if k.shape[1] <= max(config.min_seq_len, config.block_size):
-    return _exact_grouped(q, k, v, key_mask, False, scale, config, implementation)
+    return _exact(q, k, v, key_mask, False, scale, config, implementation)
   return _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
 
 
@@ -358,7 +331,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation"))
 def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation):
-  return _exact_grouped(q, k, v, key_mask, causal, scale,
+  return _exact(q, k, v, key_mask, causal, scale,
                         HyperAttentionConfig(exact_chunk_size=chunk_size), implementation)
 
 

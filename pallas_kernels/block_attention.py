@@ -3,12 +3,17 @@
 The same kernels serve both GPU stages of HyperAttention, forward and backward:
 
 * the blocked stage (``blocked_attention_pallas`` / ``blocked_attention_bwd_pallas``, reference
-  ``hyperattn_jax/blocked.py`` and its autodiff): a tile of sorted query block ``n`` attends to
-  sorted key block ``n`` and to the shared samples (each with its log-weight, masked when it lies
-  in block ``n``);
+  ``hyperattn_jax/blocked.py``): a tile of sorted query block ``n`` attends to sorted key block
+  ``n`` and to the shared samples (each with its log-weight, masked when it lies in block ``n``);
 * the exact base case (``flash_attention_pallas`` / ``flash_attention_bwd_pallas``, reference
-  ``hyperattn_jax/exact.py``): one key block per (folded) batch row, causal within it, no
-  samples.
+  ``hyperattn_jax/exact.py``): one key block per batch row, causal within it, no samples.
+
+Rows by index: every kernel reads q, k, v (and dO, lse, delta) in the public layout
+``[P, rows, heads, head_dim]`` / ``[P, heads, rows]`` and writes its results there, row by row.
+A tile's rows are either read from the sort permutations (``sorted``: the sortLSH order is
+never materialised, and the outputs land unsorted) or are consecutive (the base case, and the
+blocked stage on sorted copies made by XLA, kept to measure against). ``-1`` marks a padding
+row: it is loaded from row 0 and never stored.
 
 Forward: each program owns ``block_q`` query rows of one (batch * kv_head, group head, block) and
 runs one online-softmax pass (fp32 statistics and accumulator) over the block's keys in chunks of
@@ -25,12 +30,12 @@ Backward (flash-style recomputation from the saved lse; ``delta = rowsum(dO * O)
 
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
 mask tensor of size ``q x k`` exists. GQA: the group axis is a grid axis (forward, dq) or a loop
-(dk/dv) over programs reading the same K/V block (no repetition in HBM).
+(dk/dv) over programs reading the same K/V rows (no repetition in HBM).
 
-Kernel layouts (padded to whole tiles; head_dim to a power of two >= 16):
-  q ``[B*Nkv, G, nb * qb_p, H_p]``, k/v ``[B*Nkv, nb * bs_p, H_p]``, key_bias ``[B*Nkv, nb*bs_p]``,
-  samples k/v ``[B*Nkv, m_p, H_p]``, sample_block ``[B*Nkv, m_p]`` int32 (-1 = padding),
-  sample_bias ``[B*Nkv, m_p]`` f32; out like q, lse ``[B*Nkv, G, nb * qb_p]`` f32.
+Small per-call arrays (padded per block to whole tiles): key_bias ``[P, 1 or Nkv, nb * bs_p]``,
+q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples k/v
+``[P*Nkv, m_p, H]``, sample_block ``[P*Nkv, m_p]`` int32 (-1 = padding), sample_bias
+``[P*Nkv, m_p]`` f32.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from hyperattn_jax.blocked import RowWindow, sorted_rows, unsort_rows, unsort_stats
 
 __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_attention_pallas",
            "flash_attention_bwd_pallas"]
@@ -73,60 +80,153 @@ def _causal(s, q0, k0, query_axis=0):
   return jnp.where(q_pos >= k_pos, s, _NEG_INF)
 
 
+class _Geometry(NamedTuple):
+  """Static shape of one call. Local rows: query ``i`` is row ``q_offset + i`` of q."""
+  kv_heads: int
+  groups: int
+  num_blocks: int
+  q_rows: int           # query rows per block (the last may hold fewer valid ones)
+  q_len: int            # valid local query rows; outputs have this many rows
+  q_offset: int
+  k_rows: int           # keys per block
+  k_len: int
+  k_offset: int
+  block_q: int
+  block_k: int
+  tiles_per_block: int  # query tiles per block (block_q * tiles >= q_rows)
+  chunks_per_block: int  # key chunks per block (block_k * chunks >= k_rows)
+  sorted: bool          # rows come from q_perm / k_perm (else consecutive)
+  causal: bool          # within the block (base case only)
+  num_warps: int
+  num_stages: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows by index
+
+
+def _cols(width):
+  return lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
+def _load_rows(ref, p, rows, head, offset=0):
+  """``ref[p, offset + rows, head, :]`` ``[len(rows), H]`` (row 0 for padding rows)."""
+  return ref[p, offset + jnp.maximum(rows, 0)[:, None], head, _cols(ref.shape[-1])]
+
+
+def _store_rows(ref, p, rows, head, value):
+  """``ref[p, rows, head, :] = value``, skipping padding rows (masked, never addressed)."""
+  valid = rows >= 0
+  at = jnp.where(valid, rows, ref.shape[1])
+  plgpu.store(ref.at[p, at[:, None], head, _cols(ref.shape[-1])], value.astype(ref.dtype),
+              mask=valid[:, None])
+
+
+def _load_stats(ref, p, rows, head, padding):
+  """``ref[p, head, rows]`` (``padding`` on padding rows) from a ``[P, N, T]`` array."""
+  return jnp.where(rows >= 0, ref[p, head, jnp.maximum(rows, 0)], padding)
+
+
+def _store_stats(ref, p, rows, head, value):
+  valid = rows >= 0
+  plgpu.store(ref.at[p, head, jnp.where(valid, rows, ref.shape[2])], value, mask=valid)
+
+
+def _tile_rows(geo, perm, block, tile):
+  """Local query rows of tile ``tile`` of ``block``: ``perm`` (sorted) or consecutive rows."""
+  if geo.sorted:
+    return perm
+  r = tile * geo.block_q + lax.iota(jnp.int32, geo.block_q)
+  local = block * geo.q_rows + r
+  return jnp.where((r < geo.q_rows) & (local < geo.q_len), local, -1)
+
+
+def _chunk_keys(geo, perm, block, chunk):
+  """Local key rows of chunk ``chunk`` of ``block`` (``perm``: that chunk of k_perm)."""
+  if geo.sorted:
+    return perm
+  c = chunk * geo.block_k + lax.iota(jnp.int32, geo.block_k)
+  local = block * geo.k_rows + c
+  return jnp.where((c < geo.k_rows) & (local < geo.k_len), local, -1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
 
-def _visit_keys(step, carry, q, row0, block, key_refs, sample_refs, *, scale, block_k, causal):
+class _Refs(NamedTuple):
+  """The kernel's inputs beyond its row arrays: keys and (optional) permutations, samples."""
+  k: object
+  v: object
+  bias: object
+  q_perm: object
+  k_perm: object
+  samples: object   # (k, v, bias, block) or None
+
+
+def _split_refs(refs, geo, has_samples):
+  k, v, bias, *refs = refs
+  q_perm = k_perm = None
+  if geo.sorted:
+    q_perm, k_perm, *refs = refs
+  samples = None
+  if has_samples:
+    samples, refs = tuple(refs[:4]), refs[4:]
+  return _Refs(k, v, bias, q_perm, k_perm, samples), refs
+
+
+def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
   """Runs ``carry = step(carry, s, k, v)`` over every key chunk a query tile sees.
 
   ``q`` ``[block_q, H]`` sits at row ``row0`` of its query block ``block``; ``s`` is the masked
   fp32 score tile ``[block_q, block_k]`` of a chunk of the block's keys (then of the samples).
   """
-  k_ref, v_ref, kb_ref = key_refs
+  bk = geo.block_k
 
   def key_chunk(j, carry, masked):
-    sl = pl.ds(j * block_k, block_k)
-    k = k_ref[sl, :]
-    s = _dot(q, k, trans_b=True) * scale + kb_ref[sl][None, :]
+    sl = pl.ds(j * bk, bk)
+    keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, block, j)
+    k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
+    s = _dot(q, k, trans_b=True) * scale + refs.bias[sl][None, :]
     if masked:
-      s = _causal(s, row0, j * block_k)
-    return step(carry, s, k, v_ref[sl, :])
+      s = _causal(s, row0, j * bk)
+    return step(carry, s, k, _load_rows(refs.v, p, keys, kv, geo.k_offset))
 
-  n_chunks = k_ref.shape[0] // block_k
-  if causal:  # chunks left of the diagonal need no mask; the diagonal ones do
-    below = row0 // block_k
-    upper = jnp.minimum(n_chunks, (row0 + q.shape[0] + block_k - 1) // block_k)
+  n_chunks = geo.chunks_per_block
+  if geo.causal:  # chunks left of the diagonal need no mask; the diagonal ones do
+    below = row0 // bk
+    upper = jnp.minimum(n_chunks, (row0 + q.shape[0] + bk - 1) // bk)
     carry = lax.fori_loop(0, below, functools.partial(key_chunk, masked=False), carry)
     carry = lax.fori_loop(below, upper, functools.partial(key_chunk, masked=True), carry)
   else:
     carry = lax.fori_loop(0, n_chunks, functools.partial(key_chunk, masked=False), carry)
 
-  if sample_refs is not None:
-    ks_ref, vs_ref, sb_ref, sblk_ref = sample_refs
+  if refs.samples is not None:
+    ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
 
     def sample_chunk(j, carry):
-      sl = pl.ds(j * block_k, block_k)
+      sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
       s = _dot(q, k, trans_b=True) * scale + sb_ref[sl][None, :]
       s = jnp.where(sblk_ref[sl][None, :] == block, _NEG_INF, s)
       return step(carry, s, k, vs_ref[sl, :])
-    carry = lax.fori_loop(0, ks_ref.shape[0] // block_k, sample_chunk, carry)
+    carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
   return carry
 
 
-def _split_key_refs(refs, has_samples):
-  """(k, v, key_bias) and (samples k, v, bias, block) or None, then the remaining refs."""
-  key_refs, refs = refs[:3], refs[3:]
-  if not has_samples:
-    return key_refs, None, refs
-  return key_refs, refs[:4], refs[4:]
+def _query_tile(geo, refs):
+  """(problem, kv head, head, block, tile in block, local rows) of a forward/dq program."""
+  i, g, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  p, kv = i // geo.kv_heads, i % geo.kv_heads
+  block, tile = t // geo.tiles_per_block, t % geo.tiles_per_block
+  rows = _tile_rows(geo, refs.q_perm[...] if geo.sorted else None, block, tile)
+  return p, kv, kv * geo.groups + g, block, tile, rows
 
 
-def _fwd_kernel(q_ref, *refs, scale, block_k, tiles_per_block, causal, has_samples):
-  key_refs, sample_refs, (o_ref, lse_ref) = _split_key_refs(refs, has_samples)
-  tile = pl.program_id(2)
-  q = q_ref[...]
+def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
+  refs, (o_ref, lse_ref) = _split_refs(refs, geo, has_samples)
+  p, kv, head, block, tile, rows = _query_tile(geo, refs)
+  q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   block_q, head_dim = q.shape
 
   def step(carry, s, k, v):
@@ -135,204 +235,244 @@ def _fwd_kernel(q_ref, *refs, scale, block_k, tiles_per_block, causal, has_sampl
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
-    p = jnp.exp(s - m_safe[:, None])
-    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    p_ = jnp.exp(s - m_safe[:, None])
+    return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + _dot(p_.astype(v.dtype),
+                                                                              v)
 
   init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros((block_q, head_dim), jnp.float32))
-  m, l, acc = _visit_keys(step, init, q, (tile % tiles_per_block) * block_q,
-                          tile // tiles_per_block, key_refs, sample_refs, scale=scale,
-                          block_k=block_k, causal=causal)
+  m, l, acc = _visit_keys(step, init, q, tile * block_q, block, refs, p, kv, geo=geo,
+                          scale=scale)
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
-  o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)
+  _store_rows(o_ref, p, rows, head, jnp.where(has[:, None], acc / l_safe[:, None], 0.0))
+  _store_stats(lse_ref, p, rows, head, jnp.where(has, m + jnp.log(l_safe), _NEG_INF))
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, tiles_per_block, causal,
-               has_samples):
-  key_refs, sample_refs, (dq_ref,) = _split_key_refs(refs, has_samples)
-  tile = pl.program_id(2)
-  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples):
+  refs, (dq_ref,) = _split_refs(refs, geo, has_samples)
+  p, kv, head, block, tile, rows = _query_tile(geo, refs)
+  q = _load_rows(q_ref, p, rows, head, geo.q_offset)
+  do = _load_rows(do_ref, p, rows, head)
+  lse = _load_stats(lse_ref, p, rows, head, jnp.inf)
+  delta = _load_stats(delta_ref, p, rows, head, 0.0)
 
   def step(dq, s, k, v):
-    p = jnp.exp(s - lse[:, None])
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    p_ = jnp.exp(s - lse[:, None])
+    ds = p_ * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = _visit_keys(step, jnp.zeros(q.shape, jnp.float32), q, (tile % tiles_per_block) * q.shape[0],
-                   tile // tiles_per_block, key_refs, sample_refs, scale=scale, block_k=block_k,
-                   causal=causal)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  dq = _visit_keys(step, jnp.zeros(q.shape, jnp.float32), q, tile * q.shape[0], block, refs, p,
+                   kv, geo=geo, scale=scale)
+  _store_rows(dq_ref, p, rows, head, dq * scale)
 
 
-def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, *refs, scale, block_q,
-                 tiles_per_block, chunks_per_block, blocks_per_program, causal, samples):
+def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_per_program,
+                 samples):
   """dk, dv of one chunk of keys: a block's own keys, or samples against a group of blocks.
 
-  q/do ``[G, rows, H]`` and lse/delta ``[G, rows]`` hold the query rows of the block (own keys)
-  or of ``blocks_per_program`` consecutive blocks (samples). For samples it also writes the
+  Own keys (grid ``(P * Nkv, num_blocks * chunks_per_block)``): the keys are loaded by index
+  and their gradients stored by index. Samples (grid ``(P * Nkv, groups, m_p / block_k)``): the
+  sample chunk's float32 partial over ``blocks_per_program`` consecutive query blocks, and the
   gradient of their log-weights (the column sums of the score gradient).
   """
+  refs, outs = _split_refs(refs, geo, has_samples=samples)
+  i = pl.program_id(0)
+  p, kv = i // geo.kv_heads, i % geo.kv_heads
+  bk = geo.block_k
   if samples:
-    sblk_ref, dk_ref, dv_ref, dw_ref = refs
+    ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
+    dk_ref, dv_ref, dw_ref = outs
     first_block, col0 = pl.program_id(1) * blocks_per_program, 0
+    k, v, bias, keys = ks_ref[...], vs_ref[...], sb_ref[...], None
   else:
-    dk_ref, dv_ref = refs
-    first_block = pl.program_id(1) // chunks_per_block
-    col0 = (pl.program_id(1) % chunks_per_block) * k_ref.shape[0]
-  k, v, bias = k_ref[...], v_ref[...], bias_ref[...]
+    dk_ref, dv_ref = outs
+    first_block = pl.program_id(1) // geo.chunks_per_block
+    chunk = pl.program_id(1) % geo.chunks_per_block
+    col0 = chunk * bk
+    keys = _chunk_keys(geo, refs.k_perm[...] if geo.sorted else None, first_block, chunk)
+    k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
+    v = _load_rows(refs.v, p, keys, kv, geo.k_offset)
+    bias = refs.bias[...]
+  tpb, bq = geo.tiles_per_block, geo.block_q
 
   def query_tile(t, carry, g, masked):
     dk, dv, dw = carry
-    rows = pl.ds(t * block_q, block_q)
-    q, do = q_ref[g, rows, :], do_ref[g, rows, :]
-    lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+    block, tile = first_block + t // tpb, t % tpb
+    head = kv * geo.groups + g
+    rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
+                      tile)
+    q = _load_rows(q_ref, p, rows, head, geo.q_offset)
+    do = _load_rows(do_ref, p, rows, head)
+    lse = _load_stats(lse_ref, p, rows, head, jnp.inf)
+    delta = _load_stats(delta_ref, p, rows, head, 0.0)
     s = _dot(k, q, trans_b=True) * scale + bias[:, None]               # [block_k, block_q]
     if samples:
-      s = jnp.where(sblk_ref[...][:, None] == first_block + t // tiles_per_block, _NEG_INF, s)
+      s = jnp.where(sblk_ref[...][:, None] == block, _NEG_INF, s)
     if masked:  # keys on the rows, queries on the columns
-      s = _causal(s, t * block_q, col0, query_axis=1)
-    p = jnp.exp(s - lse[None, :])
-    ds = p * (_dot(v, do, trans_b=True) - delta[None, :])
-    return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p.astype(do.dtype), do),
+      s = _causal(s, tile * bq, col0, query_axis=1)
+    p_ = jnp.exp(s - lse[None, :])
+    ds = p_ * (_dot(v, do, trans_b=True) - delta[None, :])
+    return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p_.astype(do.dtype), do),
             dw + jnp.sum(ds, axis=1))
 
-  n_tiles = blocks_per_program * tiles_per_block
+  n_tiles = blocks_per_program * tpb
 
-  def head(g, carry):
-    if not causal:
+  def head_loop(g, carry):
+    if not geo.causal or samples:
       return lax.fori_loop(0, n_tiles, functools.partial(query_tile, g=g, masked=False), carry)
     # Query tiles above the chunk see none of its keys; those crossing the diagonal are masked.
-    first = col0 // block_q
-    unmasked = jnp.minimum(n_tiles, (col0 + k.shape[0] + block_q - 1) // block_q)
+    first = col0 // bq
+    unmasked = jnp.minimum(n_tiles, (col0 + bk + bq - 1) // bq)
     carry = lax.fori_loop(first, unmasked, functools.partial(query_tile, g=g, masked=True), carry)
     return lax.fori_loop(unmasked, n_tiles, functools.partial(query_tile, g=g, masked=False),
                          carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv, dw = lax.fori_loop(0, q_ref.shape[0], head,
+  dk, dv, dw = lax.fori_loop(0, geo.groups, head_loop,
                              (zeros, zeros, jnp.zeros((k.shape[0],), jnp.float32)))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
   if samples:
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
     dw_ref[...] = dw
+  else:
+    _store_rows(dk_ref, p, keys, kv, dk * scale)
+    _store_rows(dv_ref, p, keys, kv, dv)
 
 
 # ----------------------------------------------------------------------------------------------
-# pallas_calls on the padded layouts
+# pallas_calls
 
 
-class _Tiling(NamedTuple):
-  """Static geometry of one call on the padded layouts."""
-  num_blocks: int
-  block_q: int
-  block_k: int
-  num_warps: int
-  num_stages: int
-
-  def tiles_per_block(self, rows):
-    return rows // self.num_blocks // self.block_q
-
-
-def _pallas_call(kernel, tiling, grid, in_specs, out_specs, out_shape, name):
+def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps,
-                                           num_stages=tiling.num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
       interpret=jax.default_backend() != "gpu", name=name)
 
 
-def _key_specs(h, bs_p, m_p, samples, tiles_per_block):
-  """Specs of (k, v, key_bias[, samples k, v, bias, block]) on the (bkv, head, tile) grid."""
-  specs = [pl.BlockSpec((None, bs_p, h), lambda i, j, t: (i, t // tiles_per_block, 0))] * 2
-  specs += [pl.BlockSpec((None, bs_p), lambda i, j, t: (i, t // tiles_per_block))]
-  if samples:
-    specs += [pl.BlockSpec((None, m_p, h), lambda i, j, t: (i, 0, 0))] * 2
-    specs += [pl.BlockSpec((None, m_p), lambda i, j, t: (i, 0))] * 2
-  return specs
+_WHOLE = pl.no_block_spec  # arrays read or written by row index
 
 
-def _tile_forward(q, keys, samples, *, causal, scale, tiling):
-  """Forward over the padded layouts: out like q, lse ``[B*Nkv, G, rows]`` f32."""
-  bkv, g, tq, h = q.shape
-  tpb = tiling.tiles_per_block(tq)
-  bs_p = keys[0].shape[1] // tiling.num_blocks
-  m_p = samples[0].shape[1] if samples is not None else 0
-  row_spec = pl.BlockSpec((None, None, tiling.block_q, h), lambda i, j, t: (i, j, t, 0))
-  in_specs = [row_spec] + _key_specs(h, bs_p, m_p, samples is not None, tpb)
-  kernel = functools.partial(_fwd_kernel, scale=scale, block_k=tiling.block_k,
-                             tiles_per_block=tpb, causal=causal, has_samples=samples is not None)
+class _Inputs(NamedTuple):
+  """A call's arrays: q/k/v in the public layout, key bias, permutations, samples."""
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  bias: jax.Array
+  perms: tuple          # (q_perm, k_perm) or ()
+  samples: tuple        # (k, v, bias, block) or ()
+
+
+def _bias_head(x: _Inputs, geo):
+  """Index map of the key bias's head axis: per kv head (blocked stage) or shared (base case)."""
+  nkv = geo.kv_heads
+  return (lambda i: i % nkv) if x.bias.shape[1] > 1 else (lambda i: 0)
+
+
+def _key_inputs(x: _Inputs, geo):
+  """Specs on the (bkv, head, tile) grid and arrays of (k, v, bias[, perms][, samples])."""
+  nkv, bs_p, tpb = geo.kv_heads, geo.chunks_per_block * geo.block_k, geo.tiles_per_block
+  kvb = _bias_head(x, geo)
+  specs = [_WHOLE, _WHOLE, pl.BlockSpec((None, None, bs_p),
+                                        lambda i, g, t: (i // nkv, kvb(i), t // tpb))]
+  if geo.sorted:
+    specs += [pl.BlockSpec((None, None, None, geo.block_q),
+                           lambda i, g, t: (i // nkv, i % nkv, g, t)),
+              pl.BlockSpec((None, None, bs_p), lambda i, g, t: (i // nkv, i % nkv, t // tpb))]
+  if x.samples:
+    m_p = x.samples[0].shape[1]
+    specs += [pl.BlockSpec((None, m_p, x.samples[0].shape[2]), lambda i, g, t: (i, 0, 0))] * 2
+    specs += [pl.BlockSpec((None, m_p), lambda i, g, t: (i, 0))] * 2
+  return specs, (x.k, x.v, x.bias) + x.perms + x.samples
+
+
+def _tile_forward(x: _Inputs, geo: _Geometry, *, scale):
+  """Forward: out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` f32."""
+  p, _, n, h = x.q.shape
+  specs, arrays = _key_inputs(x, geo)
+  kernel = functools.partial(_fwd_kernel, geo=geo, scale=scale, has_samples=bool(x.samples))
+  grid = (p * geo.kv_heads, geo.groups, geo.num_blocks * geo.tiles_per_block)
   return _pallas_call(
-      kernel, tiling, (bkv, g, tq // tiling.block_q), in_specs,
-      [row_spec, pl.BlockSpec((None, None, tiling.block_q), lambda i, j, t: (i, j, t))],
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bkv, g, tq), jnp.float32)],
-      "hyperattn_block_attention_fwd")(q, *keys, *(samples or ()))
+      kernel, geo, grid, [_WHOLE] + specs, [_WHOLE, _WHOLE],
+      [jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
+       jax.ShapeDtypeStruct((p, n, geo.q_len), jnp.float32)],
+      "hyperattn_block_attention_fwd")(x.q, *arrays)
 
 
-def _tile_backward(q, keys, samples, do, lse, delta, *, causal, scale, tiling, sample_groups):
-  """Backward over the padded layouts: dq like q, dk/dv like the keys, and for the samples
-  float32 (dk, dv, d log-weight) summed over the groups' partials (or None without samples).
+def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups):
+  """Backward: dq ``[P, q_len, N, H]`` (q's dtype), dk/dv ``[P, k_len, Nkv, H]`` (k's dtype),
+  and for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None).
 
-  lse must be ``+inf`` on rows without keys (so that their probabilities are 0).
+  do like the output; lse (``+inf`` on rows without keys) and delta ``[P, N, q_len]`` f32.
   """
-  bkv, g, tq, h = q.shape
-  nb, bq, bk = tiling.num_blocks, tiling.block_q, tiling.block_k
-  tpb = tiling.tiles_per_block(tq)
-  qb_p = tq // nb
-  k, v, key_bias = keys
-  bs_p = k.shape[1] // nb
-  m_p = samples[0].shape[1] if samples is not None else 0
-  has_samples = samples is not None
+  p, _, n, h = x.q.shape
+  nkv, bq, bk = geo.kv_heads, geo.block_q, geo.block_k
+  rows_in = (x.q, do, lse, delta)
+  has_samples = bool(x.samples)
 
-  # dq: the forward's grid.
-  row_spec = pl.BlockSpec((None, None, bq, h), lambda i, j, t: (i, j, t, 0))
-  stat_spec = pl.BlockSpec((None, None, bq), lambda i, j, t: (i, j, t))
+  specs, arrays = _key_inputs(x, geo)
   dq = _pallas_call(
-      functools.partial(_dq_kernel, scale=scale, block_k=bk, tiles_per_block=tpb, causal=causal,
-                        has_samples=has_samples),
-      tiling, (bkv, g, tq // bq),
-      [row_spec, row_spec, stat_spec, stat_spec] + _key_specs(h, bs_p, m_p, has_samples, tpb),
-      row_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), "hyperattn_block_attention_dq",
-  )(q, do, lse, delta, *keys, *(samples or ()))
+      functools.partial(_dq_kernel, geo=geo, scale=scale, has_samples=has_samples),
+      geo, (p * nkv, geo.groups, geo.num_blocks * geo.tiles_per_block), [_WHOLE] * 4 + specs,
+      _WHOLE, jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
+      "hyperattn_block_attention_dq")(*rows_in, *arrays)
 
-  def dkdv(key_arrays, rows, grid, key_map, row_map, samples_mode):
-    rows_spec = pl.BlockSpec((None, g, rows, h), lambda i, c, *r: (i, 0, row_map(c, *r), 0))
-    rstat_spec = pl.BlockSpec((None, g, rows), lambda i, c, *r: (i, 0, row_map(c, *r)))
-    kspec = pl.BlockSpec((None, bk, h), lambda i, c, *r: (i, key_map(c, *r), 0))
-    bspec = pl.BlockSpec((None, bk), lambda i, c, *r: (i, key_map(c, *r)))
-    in_specs = [rows_spec, rows_spec, rstat_spec, rstat_spec, kspec, kspec, bspec]
-    if samples_mode:  # float32 partials [bkv, group, m_p, ...], one per group of blocks
-      in_specs.append(bspec)
-      out_specs = [pl.BlockSpec((None, None, bk, h), lambda i, c, s: (i, c, s, 0))] * 2
+  qb_p = geo.tiles_per_block * bq
+  kvb = _bias_head(x, geo)
+
+  def dkdv(samples_mode, blocks_per_program, grid):
+    # Specs on the grid (bkv, c, s): own keys have c = key chunk (s absent), samples have
+    # c = group of blocks and s = sample chunk.
+    in_specs = [_WHOLE] * 4
+    if samples_mode:
+      bias_spec = pl.BlockSpec((None, None, bk), lambda i, c, s: (i // nkv, kvb(i), 0))
+    else:
+      bias_spec = pl.BlockSpec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c))
+    in_specs += [_WHOLE, _WHOLE, bias_spec]
+    arrays = [x.k, x.v, x.bias]
+    if geo.sorted:
+      rows = blocks_per_program * qb_p
+      if samples_mode:
+        in_specs += [pl.BlockSpec((None, None, geo.groups, rows),
+                                  lambda i, c, s: (i // nkv, i % nkv, 0, c)),
+                     pl.BlockSpec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
+      else:
+        cpb = geo.chunks_per_block
+        in_specs += [pl.BlockSpec((None, None, geo.groups, rows),
+                                  lambda i, c: (i // nkv, i % nkv, 0, c // cpb)),
+                     pl.BlockSpec((None, None, bk), lambda i, c: (i // nkv, i % nkv, c))]
+      arrays += list(x.perms)
+    if samples_mode:
+      m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
+      in_specs += [pl.BlockSpec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
+      in_specs += [pl.BlockSpec((None, bk), lambda i, c, s: (i, s))] * 2
+      arrays += list(x.samples)
+      part = (p * nkv, grid[1], m_p)
+      out_specs = [pl.BlockSpec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
       out_specs.append(pl.BlockSpec((None, None, bk), lambda i, c, s: (i, c, s)))
-      part = (bkv, grid[1], m_p)
-      out_shape = [jax.ShapeDtypeStruct(part + (h,), jnp.float32)] * 2
+      out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
       out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
     else:
-      out_specs = [pl.BlockSpec((None, bk, h), lambda i, c: (i, c, 0))] * 2
-      out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
-    kernel = functools.partial(
-        _dkdv_kernel, scale=scale, block_q=bq, tiles_per_block=tpb,
-        chunks_per_block=bs_p // bk, blocks_per_program=rows // qb_p,
-        causal=causal and not samples_mode, samples=samples_mode)
-    return _pallas_call(kernel, tiling, grid, in_specs, out_specs, out_shape,
-                        "hyperattn_block_attention_dkdv")(q, do, lse, delta, *key_arrays)
+      out_specs = [_WHOLE, _WHOLE]
+      out_shape = [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
+    kernel = functools.partial(_dkdv_kernel, geo=geo, scale=scale,
+                               blocks_per_program=blocks_per_program, samples=samples_mode)
+    return _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape,
+                        "hyperattn_block_attention_dkdv")(*rows_in, *arrays)
 
   # dk, dv of each block's own keys: program (bkv, key chunk) over its block's query rows.
-  cpb = bs_p // bk
-  dk, dv = dkdv((k, v, key_bias), qb_p, (bkv, nb * cpb), lambda c: c, lambda c: c // cpb, False)
+  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block))
   if not has_samples:
     return dq, dk, dv, None
   # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
-  bpg = nb // sample_groups
-  parts = dkdv(samples, bpg * qb_p, (bkv, sample_groups, m_p // bk), lambda c, s: s,
-               lambda c, s: c, True)
-  return dq, dk, dv, tuple(x.sum(axis=1) for x in parts)
+  bpg = geo.num_blocks // sample_groups
+  parts = dkdv(True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk))
+  return dq, dk, dv, tuple(t.sum(axis=1) for t in parts)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public wrappers: layouts in, layouts out
+# Public wrappers
 
 
 def _pad_to(x, axis, size, value=0):
@@ -344,9 +484,10 @@ def _pad_to(x, axis, size, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _tile_sizes(rows: int, block_q: int) -> int:
-  """Query tile: ``block_q``, or the smallest power of two >= 16 covering fewer rows."""
-  return min(block_q, _pow2_at_least(rows))
+def _pad_head_dim(*xs):
+  """Zero-pads the last axis to a power of two >= 16 (a copy only for such head_dims)."""
+  h_p = _pow2_at_least(xs[0].shape[-1])
+  return tuple(_pad_to(x, x.ndim - 1, h_p) for x in xs)
 
 
 def _sample_groups(num_blocks: int, target: int) -> int:
@@ -354,160 +495,159 @@ def _sample_groups(num_blocks: int, target: int) -> int:
   return max(d for d in range(1, min(num_blocks, target) + 1) if num_blocks % d == 0)
 
 
-class _BlockedLayout(NamedTuple):
-  """The blocked stage's arrays padded to the kernel layouts, and how to undo the padding."""
-  q: jax.Array
-  keys: tuple
-  samples: tuple
-  tiling: _Tiling
-  rows: callable      # [B, Nkv, G, T, ...] -> kernel rows layout (zero padded)
-  unrows: callable    # kernel rows layout -> [B, Nkv, G, T, ...]
+def _per_block(x, nb, size, value):
+  """``[..., nb * rows]`` -> ``[..., nb * size]``, each block padded with ``value``."""
+  x = x.reshape(x.shape[:-1] + (nb, x.shape[-1] // nb))
+  return _pad_to(x, x.ndim - 1, size, value).reshape(x.shape[:-2] + (nb * size,))
 
 
-def _blocked_layout(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, *, block_size,
-                    block_q, block_k, num_warps, num_stages):
-  b, kh, g, tq, h = qs.shape
-  nb = ks.shape[2] // block_size
-  qb, m = tq // nb, k_samp.shape[2]
-  bq = _tile_sizes(qb, block_q)
+class _Blocked(NamedTuple):
+  inputs: _Inputs
+  geo: _Geometry
+  to_rows: callable     # public-layout query rows [P, q_len, N, ...] -> the kernel's rows
+  to_stats: callable    # [P, N, q_len] -> the kernel's rows
+  from_rows: callable   # inverses
+  from_stats: callable
+  from_keys: callable   # the kernel's key rows [P, ., Nkv, H] -> [P, k_len, Nkv, H]
+
+
+def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, *,
+                    block_size, window: RowWindow, sort_in_kernel, block_q, block_k, num_warps,
+                    num_stages):
+  p, _, n, h = q.shape
+  kh, g = q_perm.shape[1], q_perm.shape[2]
+  nb = k_perm.shape[-1] // block_size
+  qb, m = q_perm.shape[-1] // nb, k_samp.shape[2]
+  bq = min(block_q, _pow2_at_least(qb))
   qb_p, bs_p, m_p = _round_up(qb, bq), _round_up(block_size, block_k), _round_up(m, block_k)
-  h_p = _pow2_at_least(h)
+  q, k, v = _pad_head_dim(q, k, v)
+  h_p = q.shape[-1]
 
-  def rows(x, value=0):
-    x = x.reshape(b * kh, g, nb, qb, *x.shape[4:])
-    x = _pad_to(x, 3, qb_p, value)
-    if x.ndim == 5:
-      x = _pad_to(x, 4, h_p)
-    return x.reshape(b * kh, g, nb * qb_p, *x.shape[4:])
-
-  def unrows(x):
-    x = x.reshape(b, kh, g, nb, qb_p, *x.shape[3:])[:, :, :, :, :qb]
-    if x.ndim == 6:
-      x = x[..., :h]
-    return x.reshape(b, kh, g, tq, *x.shape[5:])
-
-  blocks = lambda x: _pad_to(_pad_to(x.reshape(b * kh, nb, block_size, h), 2, bs_p), 3, h_p
-                             ).reshape(b * kh, nb * bs_p, h_p)
   j = jnp.arange(bs_p)
   pos = jnp.arange(nb)[:, None] * block_size + j[None, :]
-  valid = (j[None, :] < block_size) & (pos < n_valid[:, None, None])           # [B, nb, bs_p]
-  key_bias = jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)
-  key_bias = jnp.broadcast_to(key_bias[:, None], (b, kh, nb, bs_p)).reshape(b * kh, nb * bs_p)
+  valid = (j[None, :] < block_size) & (pos < n_valid[:, None, None])            # [P, nb, bs_p]
+  bias = jnp.broadcast_to(jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)[:, None],
+                          (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
+  samp = lambda x: _pad_to(_pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
+  s_blk = _pad_to((samp_pos // block_size).reshape(p * kh, m), 1, m_p, -1).astype(jnp.int32)
+  s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m), 1, m_p, _NEG_INF)
+  samples = (samp(k_samp), samp(v_samp), s_bias, s_blk)
+  common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
+                block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
+                chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
+                num_stages=num_stages)
+  k_perm_g = k_perm[:, :, None]
+  if sort_in_kernel:
+    perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
+    geo = _Geometry(q_len=window.q_len, q_offset=window.q_offset, k_len=window.k_len,
+                    k_offset=window.k_offset, sorted=True, **common)
+    same = lambda x: x
+    return _Blocked(_Inputs(q, k, v, bias, perms, samples), geo, same, same, same, same, same)
+  # Sorted copies made by XLA; the kernel reads consecutive rows of them.
+  n_q, n_k = q_perm.shape[-1], k_perm.shape[-1]
+  geo = _Geometry(q_len=n_q, q_offset=0, k_len=n_k, k_offset=0, sorted=False, **common)
+  inputs = _Inputs(sorted_rows(q, q_perm, window.q_offset), sorted_rows(k, k_perm_g,
+                                                                         window.k_offset),
+                   sorted_rows(v, k_perm_g, window.k_offset), bias, (), samples)
+  return _Blocked(inputs, geo, lambda x: sorted_rows(x, q_perm),
+                  lambda x: jnp.swapaxes(sorted_rows(jnp.swapaxes(x, 1, 2), q_perm), 1, 2),
+                  lambda x: unsort_rows(x, q_perm, window.q_len),
+                  lambda x: unsort_stats(x, q_perm, window.q_len),
+                  lambda x: unsort_rows(x, k_perm_g, window.k_len))
 
-  samp = lambda x: _pad_to(_pad_to(x.reshape(b * kh, m, h), 1, m_p), 2, h_p)
-  s_blk = _pad_to((samp_pos // block_size).reshape(b * kh, m), 1, m_p, -1).astype(jnp.int32)
-  s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(b * kh, m), 1, m_p, _NEG_INF)
-  return _BlockedLayout(rows(qs), (blocks(ks), blocks(vs), key_bias),
-                        (samp(k_samp), samp(v_samp), s_bias, s_blk),
-                        _Tiling(nb, bq, block_k, num_warps, num_stages), rows, unrows)
+
+def _tile_kwargs(block_q, block_k, num_warps, num_stages):
+  return dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                             log_weight, *, scale: float, block_size: int, window: RowWindow,
+                             sort_in_kernel: bool = True, block_q: int = 64, block_k: int = 64,
+                             num_warps: int = 4, num_stages: int = 2):
+  """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention``.
+
+  q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows in ``window``), q_perm
+  ``[P, Nkv, G, nb * qb]`` / k_perm ``[P, Nkv, nb * block_size]`` local rows in sorted order
+  (-1: padding), k_samp/v_samp ``[P, Nkv, m, H]``, samp_pos ``[P, Nkv, m]``, n_valid ``[P]``,
+  log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse ``[P, N, q_len]`` float32.
+  ``sort_in_kernel=False`` gathers sorted copies in XLA first (the alternative, to compare).
+  """
+  lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                        block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
+                        **_tile_kwargs(block_q, block_k, num_warps, num_stages))
+  out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
+  return lay.from_rows(out)[..., :q.shape[-1]], lay.from_stats(lse)
 
 
 def _backward_stats(out, lse, d_out, d_lse):
-  """lse with ``+inf`` on empty rows, and ``delta = rowsum(dO * O) - dlse`` (float32)."""
+  """lse with ``+inf`` on empty rows, and ``delta = rowsum(dO * O) - dlse``, ``[P, N, T]``."""
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  return jnp.where(lse == _NEG_INF, jnp.inf, lse), delta - d_lse.astype(jnp.float32)
+  delta = jnp.swapaxes(delta, 1, 2) - d_lse.astype(jnp.float32)
+  return jnp.where(lse == _NEG_INF, jnp.inf, lse), delta
 
 
-def blocked_attention_pallas(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, *,
-                             scale: float, block_size: int, block_q: int = 64, block_k: int = 64,
-                             num_warps: int = 4, num_stages: int = 2):
-  """The blocked stage on GPU; same arguments and results as ``blocked_attention_xla``.
-
-  qs ``[B, Nkv, G, nb * qb, H]``, ks/vs ``[B, Nkv, nb * block_size, H]``, k_samp/v_samp
-  ``[B, Nkv, m, H]``, samp_pos ``[B, Nkv, m]``, n_valid ``[B]``, log_weight ``[B, Nkv, m]``
-  -> out like qs, lse ``[B, Nkv, G, nb * qb]`` float32.
-  """
-  lay = _blocked_layout(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                        block_size=block_size, block_q=block_q, block_k=block_k,
-                        num_warps=num_warps, num_stages=num_stages)
-  out, lse = _tile_forward(lay.q, lay.keys, lay.samples, causal=False, scale=scale,
-                           tiling=lay.tiling)
-  return lay.unrows(out), lay.unrows(lse)
-
-
-def blocked_attention_bwd_pallas(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, out,
-                                 lse, d_out, d_lse, *, scale: float, block_size: int,
+def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                                 log_weight, out, lse, d_out, d_lse, *, scale: float,
+                                 block_size: int, window: RowWindow, sort_in_kernel: bool = True,
                                  block_q: int = 64, block_k: int = 64, num_warps: int = 4,
                                  num_stages: int = 2, sample_groups: int = 8):
-  """Gradients of the blocked stage w.r.t. (qs, ks, vs, k_samp, v_samp, log_weight), from its
-  (out, lse); the log-weight gradient is float32 ``[B, Nkv, m]``.
+  """Gradients of the blocked stage from its (out, lse) and their cotangents.
 
-  Arguments as ``blocked_attention_pallas`` plus its outputs and their cotangents (``d_out``
-  like qs, ``d_lse`` ``[B, Nkv, G, nb * qb]``). The sample gradients are summed over
-  ``sample_groups`` float32 partials (the largest divisor of the block count not above it).
+  Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only),
+  dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]``. The
+  sample gradients are summed over ``sample_groups`` float32 partials (the largest divisor of
+  the block count not above it).
   """
-  lay = _blocked_layout(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                        block_size=block_size, block_q=block_q, block_k=block_k,
-                        num_warps=num_warps, num_stages=num_stages)
+  lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                        block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
+                        **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   lse, delta = _backward_stats(out, lse, d_out, d_lse)
+  (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, (dks, dvs, dw) = _tile_backward(
-      lay.q, lay.keys, lay.samples, lay.rows(d_out), lay.rows(lse, jnp.inf), lay.rows(delta),
-      causal=False, scale=scale, tiling=lay.tiling,
-      sample_groups=_sample_groups(lay.tiling.num_blocks, sample_groups))
-  b, kh, n, h = ks.shape
-  nb, m = lay.tiling.num_blocks, k_samp.shape[2]
-  unblocks = lambda x: x.reshape(b, kh, nb, -1, x.shape[-1])[:, :, :, :block_size, :h].reshape(
-      b, kh, n, h)
+      lay.inputs, lay.geo, lay.to_rows(d_out), lay.to_stats(lse), lay.to_stats(delta),
+      scale=scale, sample_groups=_sample_groups(lay.geo.num_blocks, sample_groups))
+  h, m = q.shape[-1], k_samp.shape[2]
+  p, kh = q_perm.shape[:2]
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
-  dw = dw[:, :m].reshape(b, kh, m)
-  return (lay.unrows(dq), unblocks(dk), unblocks(dv), unsamp(dks, k_samp), unsamp(dvs, v_samp),
-          dw)
+  return (lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h],
+          unsamp(dks, k_samp), unsamp(dvs, v_samp), dw[:, :m].reshape(p, kh, m))
 
 
-class _FlashLayout(NamedTuple):
-  q: jax.Array
-  keys: tuple
-  tiling: _Tiling
-  rows: callable
-  unrows: callable
-
-
-def _flash_layout(q, k, v, key_mask, *, block_q, block_k, num_warps, num_stages):
-  b, kh, g, tq, h = q.shape
-  tk = k.shape[2]
-  bq = _tile_sizes(tq, block_q)
-  tq_p, tk_p, h_p = _round_up(tq, bq), _round_up(tk, block_k), _pow2_at_least(h)
-
-  def rows(x, value=0):
-    x = _pad_to(x, 3, tq_p, value)
-    if x.ndim == 5:
-      x = _pad_to(x, 4, h_p)
-    return x.reshape(b * kh, g, *x.shape[3:])
-
-  def unrows(x):
-    x = x.reshape(b, kh, g, *x.shape[2:])[:, :, :, :tq]
-    return x[..., :h] if x.ndim == 5 else x
-
-  kv = lambda x: _pad_to(_pad_to(x, 2, tk_p), 3, h_p).reshape(b * kh, tk_p, h_p)
-  key_bias = _pad_to(jnp.where(key_mask, 0.0, _NEG_INF).astype(jnp.float32), 1, tk_p, _NEG_INF)
-  key_bias = jnp.broadcast_to(key_bias[:, None], (b, kh, tk_p)).reshape(b * kh, tk_p)
-  return _FlashLayout(rows(q), (kv(k), kv(v), key_bias),
-                      _Tiling(1, bq, block_k, num_warps, num_stages), rows, unrows)
+def _flash_inputs(q, k, v, key_mask, causal, *, block_q, block_k, num_warps, num_stages):
+  p, tq, n, _ = q.shape
+  tk, kh = k.shape[1], k.shape[2]
+  bq = min(block_q, _pow2_at_least(tq))
+  q, k, v = _pad_head_dim(q, k, v)
+  tk_p = _round_up(tk, block_k)
+  bias = _pad_to(jnp.where(key_mask, 0.0, _NEG_INF).astype(jnp.float32), 1, tk_p, _NEG_INF)
+  geo = _Geometry(kv_heads=kh, groups=n // kh, num_blocks=1, q_rows=tq, q_len=tq, q_offset=0,
+                  k_rows=tk, k_len=tk, k_offset=0, block_q=bq, block_k=block_k,
+                  tiles_per_block=_round_up(tq, bq) // bq, chunks_per_block=tk_p // block_k,
+                  sorted=False, causal=causal, num_warps=num_warps, num_stages=num_stages)
+  return _Inputs(q, k, v, bias[:, None], (), ()), geo
 
 
 def flash_attention_pallas(q, k, v, key_mask, causal: bool, scale: float, *, block_q: int = 128,
                            block_k: int = 64, num_warps: int = 4, num_stages: int = 3):
-  """Exact attention on GPU; same arguments and results as ``flash_attention_grouped``.
+  """Exact attention on GPU in the public layout.
 
-  q ``[B, Nkv, G, Tq, H]``, k/v ``[B, Nkv, Tk, H]``, key_mask ``[B, Tk]`` bool -> out like q,
-  lse ``[B, Nkv, G, Tq]`` float32. Causal needs ``Tq == Tk``.
+  q ``[P, Tq, N, H]``, k/v ``[P, Tk, Nkv, H]``, key_mask ``[P, Tk]`` bool -> out like q, lse
+  ``[P, N, Tq]`` float32. Causal needs ``Tq == Tk``.
   """
-  lay = _flash_layout(q, k, v, key_mask, block_q=block_q, block_k=block_k, num_warps=num_warps,
-                      num_stages=num_stages)
-  out, lse = _tile_forward(lay.q, lay.keys, None, causal=causal, scale=scale, tiling=lay.tiling)
-  return lay.unrows(out), lay.unrows(lse)
+  x, geo = _flash_inputs(q, k, v, key_mask, causal,
+                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
+  out, lse = _tile_forward(x, geo, scale=scale)
+  return out[..., :q.shape[-1]], lse
 
 
 def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal: bool,
                                scale: float, *, block_q: int = 64, block_k: int = 64,
                                num_warps: int = 4, num_stages: int = 2):
   """Gradients (dq, dk, dv) of ``flash_attention_pallas`` from its (out, lse) and cotangents."""
-  lay = _flash_layout(q, k, v, key_mask, block_q=block_q, block_k=block_k, num_warps=num_warps,
-                      num_stages=num_stages)
+  x, geo = _flash_inputs(q, k, v, key_mask, causal,
+                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   lse, delta = _backward_stats(out, lse, d_out, d_lse)
-  dq, dk, dv, _ = _tile_backward(lay.q, lay.keys, None, lay.rows(d_out),
-                                    lay.rows(lse, jnp.inf), lay.rows(delta), causal=causal,
-                                    scale=scale, tiling=lay.tiling, sample_groups=1)
-  tk, h = k.shape[2], k.shape[3]
-  unkeys = lambda x: x.reshape(k.shape[:2] + x.shape[1:])[:, :, :tk, :h]
-  return lay.unrows(dq), unkeys(dk), unkeys(dv)
+  (d_out,) = _pad_head_dim(d_out)
+  dq, dk, dv, _ = _tile_backward(x, geo, d_out, lse, delta, scale=scale, sample_groups=1)
+  h = q.shape[-1]
+  return dq[..., :h], dk[..., :h], dv[..., :h]
