@@ -9,8 +9,9 @@ numbers compare like with like, and writes one JSON file (plus a log on stdout):
 Timing: ``jax.jit``, warm-up calls, then the median of ``--reps`` calls each ended by
 ``block_until_ready`` (host clock around a synchronised call). Inputs: random normal, bf16,
 [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds per-stage timings of
-HyperAttention, forward and backward (hash, sort+gather, blocked stage, unsort; base case,
-each causal level and its merge); plot them with experiments/plot_breakdown.py.
+HyperAttention, forward and backward (hash, sort+samples, blocked stage; base case, each
+causal level and its merge; the Pallas blocked kernels reading rows by index vs. on sorted
+copies); plot them with experiments/plot_breakdown.py.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
 Plot with experiments/plot_bench.py.
 """
@@ -35,9 +36,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
+from hyperattn_jax import blocked as blocked_lib  # noqa: E402
 from hyperattn_jax import hyper as hyper_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
+from hyperattn_jax.blocked import RowWindow  # noqa: E402
 from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
+import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
@@ -152,59 +156,76 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
 
 def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   """Forward and backward times of HyperAttention's stages (the functions of ``hyper.py``):
-  hash, sort+gather (incl. samples), blocked stage, unsort; causal adds the base case and each
-  level's merge. Backward = jit(forward+backward) - jit(forward), per stage."""
+  hash, sort (permutations) + samples, the blocked stage (reading rows by index, writing them
+  back unsorted); causal adds the base case and each level's merge. Backward =
+  jit(forward+backward) - jit(forward), per stage. For Pallas, also the blocked kernels on rows
+  by index vs. on sorted copies gathered (and scattered back) by XLA: forward and backward
+  calls timed on their own."""
   scale = FLAGS.head_dim ** -0.5
 
-  def noncausal_stages(qq, kk, vv):
-    b, tq, _, hd = qq.shape
-    tk, kh = kk.shape[1], kk.shape[2]
-    bs = config.block_size
+  def noncausal_stages(qq, kk, vv, window):
+    b, _, nq, hd = qq.shape
+    kh = kk.shape[2]
+    tq, tk = window.q_len, window.k_len
+    bs, m = config.block_size, config.sample_size
     nb = -(-tk // bs)
     qb = -(-tq // nb)
     proj = lsh.draw_projections(rng, kh, hd, config.lsh_num_projs)
     n_valid = jnp.full((b,), tk, jnp.int32)
-    qg, kg, vg = hyper_lib._to_grouped(qq, kk, vv, kh)  # pylint: disable=protected-access
-    hash_fn = lambda qg, kg: hyper_lib._lsh_sort_keys(  # pylint: disable=protected-access
-        qg, kg, None, proj, nb * qb, nb * bs)
-    qc, kc = jax.jit(hash_fn)(qg, kg)
+    rows = lambda x, start, count: jax.lax.slice_in_dim(x, start, start + count, axis=1)
 
-    def sort_sample(qg, kg, vg, qc, kc):
-      qs, ks, vs, _ = hyper_lib._sort(qg, kg, vg, qc, kc)  # pylint: disable=protected-access
-      pos, lw = lsh.draw_samples(rng, config.sampler, vs, n_valid, config.sample_size)
-      take = lambda x: jnp.take_along_axis(x, pos[..., None], axis=-2)
-      return qs, ks, vs, take(ks), take(vs), lw
-    qs, ks, vs, k_s, v_s, lw = jax.jit(sort_sample)(qg, kg, vg, qc, kc)
-    pos = lsh.draw_samples(rng, config.sampler, vs, n_valid, config.sample_size)[0]
-    stage = hyper_lib._blocked_stage(impl)  # pylint: disable=protected-access
-    blocked = lambda qs, ks, vs, k_s, v_s, lw: stage(qs, ks, vs, k_s, v_s, pos, n_valid, lw,
-                                                     scale=scale, block_size=bs)
-    out_s, lse_s = jax.jit(blocked)(qs, ks, vs, k_s, v_s, lw)
-    q_perm = jnp.argsort(qc, axis=-1, stable=True)
-    unsort = lambda o, l, p: (hyper_lib._unsort(o, p), hyper_lib._unsort(l, p))  # pylint: disable=protected-access
-    res = {"hash": _fwd_bwd_ms(hash_fn, (qg, kg), 0),
-           "sort_gather": _fwd_bwd_ms(sort_sample, (qg, kg, vg, qc, kc), 3),
-           "blocked": _fwd_bwd_ms(blocked, (qs, ks, vs, k_s, v_s, lw), 6),
-           "unsort": _fwd_bwd_ms(unsort, (out_s, lse_s, q_perm), 2)}
-    res["blocked"]["fwd_tflops"] = (4 * b * qq.shape[2] * tq * (bs + config.sample_size) * hd /
+    def hash_fn(qq, kk):
+      qg = hyper_lib._grouped_q(rows(qq, window.q_offset, tq), kh)  # pylint: disable=protected-access
+      kg = rows(kk, window.k_offset, tk).transpose(0, 2, 1, 3)
+      return hyper_lib._lsh_sort_keys(qg, kg, None, proj, nb * qb, nb * bs)  # pylint: disable=protected-access
+    qc, kc = jax.jit(hash_fn)(qq, kk)
+
+    def sort_sample(kk, vv, qc, kc):
+      q_perm = hyper_lib._perm(qc, tq)  # pylint: disable=protected-access
+      k_perm = hyper_lib._perm(kc, tk)  # pylint: disable=protected-access
+      pos, lw = lsh.draw_samples(rng, "uniform", jnp.zeros((b, kh, nb * bs, 1)), n_valid, m)
+      samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
+      take = lambda x: blocked_lib.grouped_rows(x, samp_rows, window.k_offset)[:, :, 0]
+      return take(kk), take(vv), lw, q_perm, k_perm, pos
+    k_s, v_s, lw, q_perm, k_perm, pos = jax.jit(sort_sample)(kk, vv, qc, kc)
+    perms = (q_perm, k_perm)
+    blocked = lambda qq, kk, vv, k_s, v_s, lw: blocked_lib.blocked_attention(
+        qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw, scale, bs, window, impl)
+    res = {"hash": _fwd_bwd_ms(hash_fn, (qq, kk), 0),
+           "sort_samples": _fwd_bwd_ms(lambda kk, vv: sort_sample(kk, vv, qc, kc)[:3],
+                                       (kk, vv), 2),
+           "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw), 6)}
+    res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
+    if impl == "pallas":
+      args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
+      kw = dict(scale=scale, block_size=bs, window=window)
+      for sort_in_kernel in (True, False):
+        fwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_pallas(
+            *a, **kw, sort_in_kernel=s))
+        out, lse = fwd(*args)
+        bwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_bwd_pallas(
+            *a, **kw, sort_in_kernel=s))
+        bwd_args = args + (out, lse, out, jnp.zeros_like(lse))
+        name = "kernels_rows_by_index" if sort_in_kernel else "kernels_on_sorted_copies"
+        res[name] = {"fwd_ms": _median_ms(fwd, *args)[0],
+                     "bwd_ms": _median_ms(bwd, *bwd_args)[0]}
     return res
 
   if not causal:
-    return {"noncausal": noncausal_stages(q, k, v)}
+    return {"noncausal": noncausal_stages(q, k, v, RowWindow(0, n, 0, n))}
   levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
   b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
-  base_fn = lambda q, k, v: hyper_lib._exact_grouped(  # pylint: disable=protected-access
+  base_fn = lambda q, k, v: hyper_lib._exact(  # pylint: disable=protected-access
       q, k, v, None, True, scale, config, impl)
   result = {"base_case": _fwd_bwd_ms(base_fn, (fold(q), fold(k), fold(v)), 3), "levels": []}
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
-    qd = q.reshape(b * parts, 2, half, *q.shape[2:])[:, 1]
-    kd = k.reshape(b * parts, 2, half, *k.shape[2:])[:, 0]
-    vd = v.reshape(b * parts, 2, half, *v.shape[2:])[:, 0]
-    level = noncausal_stages(qd, kd, vd)
+    pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
+    level = noncausal_stages(pairs(q), pairs(k), pairs(v), RowWindow(half, half, 0, half))
     lse = jnp.zeros((b * parts, nq, half), jnp.float32)
+    qd = pairs(q)[:, half:]
     level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 4)
     result["levels"].append(level)
   return result

@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
-STAGES = ("hash", "sort_gather", "blocked", "unsort", "merge", "base_case")
+# Records before 2026-11-25 (sorted copies) have sort_gather/unsort; later ones sort_samples.
+STAGES = ("hash", "sort_gather", "sort_samples", "blocked", "unsort", "merge", "base_case")
 
 
 def stage_totals(breakdown):
@@ -25,6 +26,8 @@ def stage_totals(breakdown):
     parts = parts + [{"base_case": breakdown["base_case"]}]
   for part in parts:
     for stage, times in part.items():
+      if stage not in totals:  # kernel-variant timings (kernels_*) are not stages
+        continue
       for key in ("fwd_ms", "bwd_ms"):
         totals[stage][key] += times.get(key, 0.0)
   return totals

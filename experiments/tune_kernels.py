@@ -1,16 +1,17 @@
-"""Tile-size sweep of the Pallas forward kernels on the GPU, checked and timed in one process.
+"""Tile-size sweep of the Pallas kernels on the GPU, forward or backward, checked and timed.
 
 For each (block_q, block_k, num_warps, num_stages) it runs
 
-  * the blocked stage (``blocked_attention_pallas``) at the shape of one non-causal call, and
-  * the exact kernel (``flash_attention_pallas``) at the shape of the causal base case
-    (``n / min_seq_len`` diagonal blocks folded into the batch),
+  * the blocked stage (``blocked_attention_pallas`` / ``blocked_attention_bwd_pallas``, rows by
+    index through random permutations) at the shape of one non-causal call, and
+  * the exact kernels (``flash_attention_pallas`` / ``flash_attention_bwd_pallas``) at the
+    shape of the causal base case (``n / min_seq_len`` diagonal blocks folded into the batch),
 
-checks the result against the XLA reference (``blocked_attention_xla`` / cuDNN-free chunked
-exact attention) and records the median time; cuDNN on the base-case shape is timed in the same
-run for comparison:
+checks the result against the XLA reference (the XLA blocked stage / chunked exact attention,
+and their autodiff for the backward) and records the median time; cuDNN on the base-case shape
+is timed in the same run for comparison:
 
-  python experiments/tune_kernels.py --out=$OUT/tune.json --n=131072
+  python experiments/tune_kernels.py --out=$OUT/tune.json --n=131072 --phase=bwd
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ flags.DEFINE_list("block_k", ["32", "64", "128"], "Key tiles.")
 flags.DEFINE_list("num_warps", ["4", "8"], "Warps.")
 flags.DEFINE_list("num_stages", ["2", "3"], "Pipeline stages.")
 flags.DEFINE_integer("reps", 10, "Timed repetitions (median).")
+flags.DEFINE_enum("phase", "fwd", ["fwd", "bwd"], "Forward or backward kernels.")
+flags.DEFINE_float("max_err", 5e-2, "Largest abs error vs XLA for a tiling to count as best.")
 
 
 def _median_ms(fn, *args):
@@ -67,45 +70,79 @@ def _max_err(out, ref):
 
 def _blocked_inputs(rng):
   n, h, d, bs, m = FLAGS.n, FLAGS.heads, FLAGS.head_dim, FLAGS.block_size, FLAGS.sample_size
-  kq, kk, kv, kp = jax.random.split(rng, 4)
-  qs = jax.random.normal(kq, (1, h, 1, n, d), jnp.bfloat16)
-  ks = jax.random.normal(kk, (1, h, n, d), jnp.bfloat16)
-  vs = jax.random.normal(kv, (1, h, n, d), jnp.bfloat16)
+  kq, kk, kv, kp, kr = jax.random.split(rng, 5)
+  q = jax.random.normal(kq, (1, n, h, d), jnp.bfloat16)
+  k = jax.random.normal(kk, (1, n, h, d), jnp.bfloat16)
+  v = jax.random.normal(kv, (1, n, h, d), jnp.bfloat16)
+  perm = lambda key: jax.vmap(lambda r: jax.random.permutation(r, n))(
+      jax.random.split(key, h)).astype(jnp.int32)
+  q_perm = perm(kr)[None, :, None]
+  k_perm = perm(jax.random.fold_in(kr, 1))[None]
   n_valid = jnp.array([n], jnp.int32)
   pos = lsh.draw_sample_positions(kp, n_valid, h, m)
-  k_s = jnp.take_along_axis(ks, pos[..., None], axis=-2)
-  v_s = jnp.take_along_axis(vs, pos[..., None], axis=-2)
+  rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
+  k_s = blocked_lib.grouped_rows(k, rows)[:, :, 0]
+  v_s = blocked_lib.grouped_rows(v, rows)[:, :, 0]
   log_w = jnp.broadcast_to(jnp.log(n_valid.astype(jnp.float32) / m)[:, None, None], pos.shape)
-  return (qs, ks, vs, k_s, v_s, pos, n_valid, log_w), dict(scale=d ** -0.5, block_size=bs)
+  kw = dict(scale=d ** -0.5, block_size=bs, window=blocked_lib.RowWindow(0, n, 0, n))
+  return (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w), kw
 
 
 def _base_inputs(rng):
   h, d, s = FLAGS.heads, FLAGS.head_dim, FLAGS.min_seq_len
   parts = FLAGS.n // s
   kq, kk, kv = jax.random.split(rng, 3)
-  q = jax.random.normal(kq, (parts, h, 1, s, d), jnp.bfloat16)
-  k = jax.random.normal(kk, (parts, h, s, d), jnp.bfloat16)
-  v = jax.random.normal(kv, (parts, h, s, d), jnp.bfloat16)
+  q = jax.random.normal(kq, (parts, s, h, d), jnp.bfloat16)
+  k = jax.random.normal(kk, (parts, s, h, d), jnp.bfloat16)
+  v = jax.random.normal(kv, (parts, s, h, d), jnp.bfloat16)
   return q, k, v, jnp.ones((parts, s), bool)
+
+
+def _cases(b_args, b_kw, base_args, scale):
+  """(name, kernel(tiles) -> fn, args, reference fn) of the chosen pass."""
+  (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w) = b_args
+  xla_blocked = lambda q, k, v, k_s, v_s: blocked_lib._forward(  # pylint: disable=protected-access
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
+      b_kw["block_size"], b_kw["window"], "xla")
+  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
+  if FLAGS.phase == "fwd":
+    return (("blocked", lambda t: lambda *a: pallas_kernels.blocked_attention_pallas(
+                 *a, **b_kw, **t), b_args, lambda *a: xla_blocked(*a[:3], *a[5:7])),
+            ("base_case", lambda t: lambda q, k, v, m: pallas_kernels.flash_attention_pallas(
+                 q, k, v, m, True, scale, **t), base_args, xla_base))
+  out, lse = jax.jit(xla_blocked)(q, k, v, k_s, v_s)
+  d_out, d_lse = out, jnp.zeros_like(lse)
+  ref_b = lambda *a: jax.vjp(xla_blocked, q, k, v, k_s, v_s)[1]((d_out, d_lse))
+  bq, bk, bv, bm = base_args
+  b_out, b_lse = jax.jit(xla_base)(*base_args)
+  ref_base = lambda *a: jax.vjp(lambda q, k, v: xla_base(q, k, v, bm), bq, bk, bv)[1](
+      (b_out, jnp.zeros_like(b_lse)))
+  return (("blocked_bwd", lambda t: lambda *a: pallas_kernels.blocked_attention_bwd_pallas(
+               *a, **b_kw, **t)[:3], b_args + (out, lse, d_out, d_lse), ref_b),
+          ("base_case_bwd", lambda t: lambda *a: pallas_kernels.flash_attention_bwd_pallas(
+               *a, True, scale, **t), (bq, bk, bv, bm, b_out, b_lse, b_out,
+                                       jnp.zeros_like(b_lse)), ref_base))
 
 
 def main(argv):
   del argv
   rng = jax.random.key(0)
   b_args, b_kw = _blocked_inputs(rng)
-  q, k, v, mask = _base_inputs(jax.random.fold_in(rng, 1))
+  base_args = _base_inputs(jax.random.fold_in(rng, 1))
   scale = FLAGS.head_dim ** -0.5
-  ref_blocked = jax.jit(lambda *a: blocked_lib.blocked_attention_xla(*a, **b_kw))(*b_args)[0]
-  ref_base = jax.jit(lambda q, k, v, m: exact_lib.flash_attention_grouped(
-      q, k, v, m, True, scale, 512, "xla"))(q, k, v, mask)[0]
-  parts, h, _, s, d = q.shape
-  to_bthd = lambda x: x.reshape(parts, h, s, d).transpose(0, 2, 1, 3)
+  cases = _cases(b_args, b_kw, base_args, scale)
+  refs = {name: jax.jit(ref)(*args) for name, _, args, ref in cases}
+  q, k, v, _ = base_args
   cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"))
-  records = [{"kernel": "cudnn_base_case"}]
+  if FLAGS.phase == "bwd":
+    fwd = cudnn
+    cudnn = jax.jit(lambda q, k, v: jax.vjp(fwd, q, k, v)[1](q))
+  records = [{"kernel": "cudnn_base_case", "phase": FLAGS.phase}]
   try:
-    records[0]["median_ms"] = _median_ms(cudnn, to_bthd(q), to_bthd(k[:, :, None]),
-                                         to_bthd(v[:, :, None]))
+    records[0]["median_ms"] = _median_ms(cudnn, q, k, v)
+    if FLAGS.phase == "bwd":
+      records[0]["note"] = "forward + backward (cuDNN's backward needs its own forward)"
   except Exception as e:  # pylint: disable=broad-except  (no cuDNN off the GPU)
     records[0]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
   print(records[-1], flush=True)
@@ -113,15 +150,13 @@ def main(argv):
                                                      FLAGS.num_warps, FLAGS.num_stages)))
   for bq, bk, warps, stages in combos:
     tiles = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
-    for name, fn, args, ref in (
-        ("blocked", lambda *a, t=tiles: pallas_kernels.blocked_attention_pallas(
-            *a, **b_kw, **t), b_args, ref_blocked),
-        ("base_case", lambda q, k, v, m, t=tiles: pallas_kernels.flash_attention_pallas(
-            q, k, v, m, True, scale, **t), (q, k, v, mask), ref_base)):
+    for name, make, args, _ in cases:
       rec = {"kernel": name, **tiles}
       try:
-        jfn = jax.jit(fn)
-        rec["max_abs_err_vs_xla"] = _max_err(jfn(*args)[0], ref)
+        jfn = jax.jit(make(tiles))
+        got = jax.tree.leaves(jfn(*args))
+        rec["max_abs_err_vs_xla"] = max(_max_err(a, b) for a, b in zip(got, jax.tree.leaves(
+            refs[name])))
         rec["median_ms"] = _median_ms(jfn, *args)
       except Exception as e:  # pylint: disable=broad-except
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -130,7 +165,7 @@ def main(argv):
   best = {}
   for rec in records:
     if "median_ms" in rec and rec["kernel"] != "cudnn_base_case" and (
-        rec["max_abs_err_vs_xla"] < 2e-2 and
+        rec["max_abs_err_vs_xla"] < FLAGS.max_err and
         rec["median_ms"] < best.get(rec["kernel"], {}).get("median_ms", np.inf)):
       best[rec["kernel"]] = rec
   print("best:", best)

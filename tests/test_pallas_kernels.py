@@ -6,31 +6,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from jax.test_util import check_grads
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
-from hyperattn_jax.blocked import blocked_attention, blocked_attention_xla
-from hyperattn_jax.exact import flash_attention_grouped
+from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
+from hyperattn_jax.exact import flash_attention
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
                             flash_attention_bwd_pallas, flash_attention_pallas)
 
 
-def _blocked_inputs(seed, b, kh, g, nb, qb, bs, m, h, dtype, n_valid):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  qs = jax.random.normal(ks[0], (b, kh, g, nb * qb, h)).astype(dtype)
-  k = jax.random.normal(ks[1], (b, kh, nb * bs, h)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, kh, nb * bs, h)).astype(dtype)
+def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_len,
+                    offsets=(3, 5)):
+  """Public-layout rows with the problem's window at ``offsets``; random permutations (key
+  padding sorted last, as sortLSH does) and samples drawn over the valid sorted positions."""
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q_off, k_off = offsets
+  window = RowWindow(q_off, q_len, k_off, k_len)
+  q = jax.random.normal(ks[0], (p, q_off + q_len + 2, kh * g, h)).astype(dtype)
+  k = jax.random.normal(ks[1], (p, k_off + k_len + 1, kh, h)).astype(dtype)
+  v = jax.random.normal(ks[2], (p, k_off + k_len + 1, kh, h)).astype(dtype)
+
+  def perms(key, shape, n_rows, valid):
+    perm = jax.vmap(lambda r: jax.random.permutation(r, n_rows))(
+        jax.random.split(key, np.prod(shape))).reshape(shape + (n_rows,))
+    perm = jnp.where(perm < valid, perm, -1).astype(jnp.int32)
+    return jnp.take_along_axis(perm, jnp.argsort(perm < 0, axis=-1, stable=True), axis=-1)
+
+  q_perm = perms(ks[3], (p, kh, g), nb * qb, q_len)
+  k_perm = perms(ks[4], (p, kh), nb * bs, k_len)
   n_valid = jnp.asarray(n_valid, jnp.int32)
-  pos = jax.random.randint(ks[3], (b, kh, m), 0, jnp.maximum(n_valid, 1)[:, None, None])
-  k_s = jnp.take_along_axis(k, pos[..., None], axis=2)
-  v_s = jnp.take_along_axis(v, pos[..., None], axis=2)
+  pos = jax.random.randint(ks[5], (p, kh, m), 0, jnp.maximum(n_valid, 1)[:, None, None])
+  rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
+  k_s = grouped_rows(k, rows, k_off)[:, :, 0]
+  v_s = grouped_rows(v, rows, k_off)[:, :, 0]
   # Per-sample log-weights: the uniform log(n_valid / m) plus noise (importance samplers).
   log_w = (jnp.log(n_valid.astype(jnp.float32) / m)[:, None, None] +
-           jax.random.uniform(ks[4], (b, kh, m), minval=-1.0, maxval=1.0))
-  return qs, k, v, k_s, v_s, pos, n_valid, log_w
+           jax.random.uniform(ks[6], (p, kh, m), minval=-1.0, maxval=1.0))
+  return (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w), window
+
+
+def _xla_stage(args, scale, bs, window):
+  """The XLA forward without the custom VJP (plain autodiff is the gradient reference)."""
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  return lambda q, k, v, k_s, v_s, w: blocked_lib._forward(  # pylint: disable=protected-access
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, scale, bs, window, "xla")
 
 
 def _assert_lse_close(lse, ref, atol):
@@ -40,10 +63,10 @@ def _assert_lse_close(lse, ref, atol):
   np.testing.assert_allclose(lse[fin], ref[fin], atol=atol, rtol=0)
 
 
-BLOCKED = [  # b, kh, g, nb, qb, bs, m, h, n_valid
-    (2, 2, 1, 4, 32, 32, 32, 16, [128, 128]),
-    (2, 1, 3, 3, 40, 32, 20, 24, [90, 0]),       # odd qb, m, head_dim; GQA 3; empty batch
-    (1, 2, 2, 2, 70, 64, 48, 32, [100]),         # invalid tail keys inside the last block
+BLOCKED = [  # p, kh, g, nb, qb, bs, m, h, n_valid, q_len, k_len
+    (2, 2, 1, 4, 32, 32, 32, 16, [128, 128], 128, 128),
+    (2, 1, 3, 3, 40, 32, 20, 24, [90, 0], 117, 96),   # odd qb, m, head_dim; GQA 3; empty batch
+    (1, 2, 2, 2, 70, 64, 48, 32, [100], 139, 110),     # invalid and padding keys in last block
 ]
 
 
@@ -51,39 +74,73 @@ BLOCKED = [  # b, kh, g, nb, qb, bs, m, h, n_valid
 BLOCKED_CASES = [(s, jnp.float32, 2e-5) for s in BLOCKED] + [(BLOCKED[1], jnp.bfloat16, 3e-2)]
 
 
+def _dims(shape):
+  *dims, n_valid, q_len, k_len = shape
+  return dims, n_valid, q_len, k_len
+
+
+@pytest.mark.parametrize("sort_in_kernel", [True, False])
 @pytest.mark.parametrize("shape,dtype,atol", BLOCKED_CASES)
-def test_blocked_kernel_matches_xla(seed, shape, dtype, atol):
-  *dims, n_valid = shape
-  args = _blocked_inputs(seed, *dims, dtype, n_valid)
-  scale = dims[-1] ** -0.5
-  out, lse = blocked_attention_pallas(*args, scale=scale, block_size=dims[5], block_q=32,
-                                      block_k=16)
-  ref_out, ref_lse = blocked_attention_xla(*args, scale=scale, block_size=dims[5])
-  assert out.shape == ref_out.shape and out.dtype == dtype and lse.dtype == jnp.float32
+def test_blocked_kernel_matches_xla(seed, shape, dtype, atol, sort_in_kernel):
+  """Rows by index in the kernel, or XLA-sorted copies read in order: both == the XLA stage."""
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
+  scale, bs = dims[-1] ** -0.5, dims[5]
+  out, lse = blocked_attention_pallas(*args, scale=scale, block_size=bs, window=window,
+                                      sort_in_kernel=sort_in_kernel, block_q=32, block_k=16)
+  q, k, v, _, _, k_s, v_s, _, _, log_w = args
+  ref_out, ref_lse = _xla_stage(args, scale, bs, window)(q, k, v, k_s, v_s, log_w)
+  assert out.shape == ref_out.shape == (q.shape[0], q_len) + q.shape[2:]
+  assert out.dtype == dtype and lse.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
 
 
-def _flash_inputs(seed, dtype):
+def _inputs_77(seed, dtype):
   """GQA 3, odd length and head_dim; keys 0..9 of batch 1 masked (causal rows 0..9 empty)."""
   ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (2, 2, 3, 77, 24)).astype(dtype)
-  k = jax.random.normal(ks[1], (2, 2, 77, 24)).astype(dtype)
-  v = jax.random.normal(ks[2], (2, 2, 77, 24)).astype(dtype)
+  q = jax.random.normal(ks[0], (2, 77, 6, 24)).astype(dtype)
+  k = jax.random.normal(ks[1], (2, 77, 2, 24)).astype(dtype)
+  v = jax.random.normal(ks[2], (2, 77, 2, 24)).astype(dtype)
   return q, k, v, (jax.random.uniform(ks[3], (2, 77)) > 0.3).at[1, :10].set(False)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
-  q, k, v, mask = _flash_inputs(seed, dtype)
+  q, k, v, mask = _inputs_77(seed, dtype)
   out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, block_q=32, block_k=16)
-  ref_out, ref_lse = flash_attention_grouped(q, k, v, mask, causal, 0.2, 32)
+  ref_out, ref_lse = flash_attention(q, k, v, mask, causal, 0.2, 32)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
+
+
+def test_every_output_element_is_written(seed):
+  """Poisoned outputs: interpret mode starts every output at NaN, and no NaN survives (empty
+  rows, padding rows and tail tiles included)."""
+  poisoned = pl.pallas_call(lambda o_ref: None, out_shape=jax.ShapeDtypeStruct((4, 4),
+                                                                             jnp.float32),
+                            interpret=True)()
+  assert np.all(np.isnan(np.asarray(poisoned)))  # the premise of this test
+  args, window = _blocked_inputs(seed, 2, 1, 3, 3, 40, 32, 20, 24, jnp.float32, [90, 0], 117,
+                                 96)
+  q, k, v, mask = _inputs_77(seed, jnp.float32)
+  outs = (blocked_attention_pallas(*args, scale=0.2, block_size=32, window=window, block_q=32,
+                                   block_k=16) +
+          flash_attention_pallas(q, k, v, mask, True, 0.2, block_q=32, block_k=16))
+  d_out = jnp.ones_like(outs[0])
+  d_lse = jnp.zeros_like(outs[1])
+  grads = blocked_attention_bwd_pallas(*args, *outs[:2], d_out, d_lse, scale=0.2, block_size=32,
+                                       window=window, block_q=16, block_k=16, sample_groups=3)
+  grads += flash_attention_bwd_pallas(q, k, v, mask, *outs[2:], jnp.ones_like(q),
+                                      jnp.zeros_like(outs[3]), True, 0.2, block_q=16, block_k=32)
+  for x in outs[::2] + grads:
+    assert not np.any(np.isnan(np.asarray(x))), x.shape
+  for lse in outs[1::2]:
+    assert not np.any(np.isnan(np.asarray(lse)))
 
 
 def _cotangents(seed, out, lse):
@@ -101,21 +158,26 @@ def _assert_grads_close(grads, ref, tol):
     assert rel_err(a, b) < tol, (i, rel_err(a, b))
 
 
-@pytest.mark.parametrize("shape,dtype,tol", [(s, d, 1e-5 if d == jnp.float32 else 2e-2)
-                                             for s, d, _ in BLOCKED_CASES])
-def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol):
-  """Pallas dq, dk, dv, sample dk/dv (partials over groups) and d log-weight == XLA autodiff."""
-  *dims, n_valid = shape
-  qs, k, v, k_s, v_s, pos, nv, log_w = _blocked_inputs(seed, *dims, dtype, n_valid)
+@pytest.mark.parametrize("shape,dtype,tol,sort_in_kernel",
+                         [(s, d, 1e-5 if d == jnp.float32 else 2e-2, True)
+                          for s, d, _ in BLOCKED_CASES] + [(BLOCKED[2], jnp.float32, 1e-5, False)])
+def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_kernel):
+  """Pallas dq, dk, dv, sample dk/dv (partials over groups) and d log-weight == XLA autodiff
+  (window rows only: the kernels return the window's gradients)."""
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, nv, log_w = args
   scale, bs = dims[-1] ** -0.5, dims[5]
-  stage = lambda qs, k, v, k_s, v_s, w: blocked_attention_xla(
-      qs, k, v, k_s, v_s, pos, nv, w, scale=scale, block_size=bs)
-  (out, lse), vjp = jax.vjp(stage, qs, k, v, k_s, v_s, log_w)
+  (out, lse), vjp = jax.vjp(_xla_stage(args, scale, bs, window), q, k, v, k_s, v_s, log_w)
   d_out, d_lse = _cotangents(seed, out, lse)
-  ref = vjp((d_out, d_lse))
-  grads = blocked_attention_bwd_pallas(qs, k, v, k_s, v_s, pos, nv, log_w, out, lse, d_out,
-                                       d_lse, scale=scale, block_size=bs, block_q=16,
-                                       block_k=16, sample_groups=2)
+  ref = list(vjp((d_out, d_lse)))
+  ref[0] = ref[0][:, window.q_offset:window.q_offset + q_len]
+  ref[1] = ref[1][:, window.k_offset:window.k_offset + k_len]
+  ref[2] = ref[2][:, window.k_offset:window.k_offset + k_len]
+  grads = blocked_attention_bwd_pallas(*args, out, lse, d_out, d_lse, scale=scale,
+                                       block_size=bs, window=window,
+                                       sort_in_kernel=sort_in_kernel, block_q=16, block_k=16,
+                                       sample_groups=2)
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 
@@ -123,9 +185,9 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
-  q, k, v, mask = _flash_inputs(seed, dtype)
-  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention_grouped(q, k, v, mask, causal, 0.2,
-                                                                    32), q, k, v)
+  q, k, v, mask = _inputs_77(seed, dtype)
+  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, causal, 0.2, 32),
+                            q, k, v)
   d_out, d_lse = _cotangents(seed, out, lse)
   grads = flash_attention_bwd_pallas(q, k, v, mask, out, lse, d_out, d_lse, causal, 0.2,
                                      block_q=16, block_k=32)
@@ -136,17 +198,18 @@ def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
 def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
   """Custom VJP == autodiff of the XLA stage, for out and lse cotangents and the log-weights."""
   monkeypatch.setattr(blocked_lib, "_BWD_CHUNK_ELEMENTS", 500)  # one block per chunk: 3 chunks
-  qs, k, v, k_s, v_s, pos, n_valid, log_w = _blocked_inputs(
-      seed, 1, 2, 2, 3, 24, 16, 12, 8, jnp.float32, [40])
-  diff = (qs, k, v, k_s, v_s, log_w)
-  w = jax.random.normal(jax.random.key(seed + 1), qs.shape)
+  args, window = _blocked_inputs(seed, 1, 2, 2, 3, 24, 16, 12, 8, jnp.float32, [40], 70, 45)
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  diff = (q, k, v, k_s, v_s, log_w)
+  w = jax.random.normal(jax.random.key(seed + 1), (q.shape[0], 70) + q.shape[2:])
 
-  def loss(stage, qs, k, v, k_s, v_s, log_w):
-    out, lse = stage(qs, k, v, k_s, v_s, pos, n_valid, log_w)
+  def loss(stage, *x):
+    out, lse = stage(*x)
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
 
-  fast = lambda *x: blocked_attention(*x, 0.35, 16, implementation)
-  plain = lambda *x: blocked_attention_xla(*x, scale=0.35, block_size=16)
+  fast = lambda q, k, v, k_s, v_s, log_w: blocked_attention(
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, 0.35, 16, window, implementation)
+  plain = _xla_stage(args, 0.35, 16, window)
   g = jax.grad(functools.partial(loss, fast), argnums=tuple(range(6)))(*diff)
   g_ref = jax.grad(functools.partial(loss, plain), argnums=tuple(range(6)))(*diff)
   for a, b in zip(g, g_ref):
