@@ -201,15 +201,18 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
       args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
       kw = dict(scale=scale, block_size=bs, window=window)
       for sort_in_kernel in (True, False):
+        name = "kernels_rows_by_index" if sort_in_kernel else "kernels_on_sorted_copies"
         fwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_pallas(
             *a, **kw, sort_in_kernel=s))
-        out, lse = fwd(*args)
         bwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_bwd_pallas(
             *a, **kw, sort_in_kernel=s))
-        bwd_args = args + (out, lse, out, jnp.zeros_like(lse))
-        name = "kernels_rows_by_index" if sort_in_kernel else "kernels_on_sorted_copies"
-        res[name] = {"fwd_ms": _median_ms(fwd, *args)[0],
-                     "bwd_ms": _median_ms(bwd, *bwd_args)[0]}
+        res[name] = {}
+        try:
+          out, lse = fwd(*args)
+          res[name]["fwd_ms"] = _median_ms(fwd, *args)[0]
+          res[name]["bwd_ms"] = _median_ms(bwd, *args, out, lse, out, jnp.zeros_like(lse))[0]
+        except Exception as e:  # pylint: disable=broad-except
+          res[name]["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
 
   if not causal:
