@@ -99,7 +99,7 @@ def _attention_fn(impl: str, causal: bool, config: HyperAttentionConfig, rng):
     return functools.partial(hyper_attention, rng=rng, causal=causal, config=config,
                              implementation=impl.removeprefix("hyper_"))
   if impl == "exact_xla":
-    return functools.partial(exact_attention, causal=causal)
+    return functools.partial(exact_attention, causal=causal, implementation="xla")
   if impl == "exact_pallas":
     return functools.partial(exact_attention, causal=causal, implementation="pallas")
   if impl == "cudnn":

@@ -137,8 +137,8 @@ def _tile_rows(geo, perm, block, tile):
   if geo.sorted:
     return perm
   r = tile * geo.block_q + lax.iota(jnp.int32, geo.block_q)
-  local = block * geo.q_rows + r
-  return jnp.where((r < geo.q_rows) & (local < geo.q_len), local, -1)
+  limit = jnp.minimum(geo.q_rows, geo.q_len - block * geo.q_rows)  # valid rows of the block
+  return jnp.where(r < limit, block * geo.q_rows + r, -1)
 
 
 def _chunk_keys(geo, perm, block, chunk):
@@ -146,8 +146,8 @@ def _chunk_keys(geo, perm, block, chunk):
   if geo.sorted:
     return perm
   c = chunk * geo.block_k + lax.iota(jnp.int32, geo.block_k)
-  local = block * geo.k_rows + c
-  return jnp.where((c < geo.k_rows) & (local < geo.k_len), local, -1)
+  limit = jnp.minimum(geo.k_rows, geo.k_len - block * geo.k_rows)
+  return jnp.where(c < limit, block * geo.k_rows + c, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +298,10 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
 
   def query_tile(t, carry, g, masked):
     dk, dv, dw = carry
-    block, tile = first_block + t // tpb, t % tpb
+    # lax.div/rem (t >= 0): jnp's // and % inside a static-trip-count loop fail to lower in
+    # jax 0.11's Triton backend (operand types i32 vs i1).
+    tpb_ = jnp.int32(tpb)
+    block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
     head = kv * geo.groups + g
     rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
                       tile)
