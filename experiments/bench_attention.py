@@ -37,6 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
 from hyperattn_jax import blocked as blocked_lib  # noqa: E402
+from hyperattn_jax import cudnn as cudnn_lib  # noqa: E402
+from hyperattn_jax import exact as exact_lib  # noqa: E402
 from hyperattn_jax import hyper as hyper_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
 from hyperattn_jax.blocked import RowWindow  # noqa: E402
@@ -66,6 +68,9 @@ flags.DEFINE_integer("max_exact_n", 65536, "Skip exact_xla above this n (quadrat
 flags.DEFINE_float("time_cap_s", 2.0,
                    "Skip a variant's larger n once its median call time (s) exceeds this.")
 flags.DEFINE_bool("breakdown", False, "Also time HyperAttention's stages.")
+flags.DEFINE_bool("breakdown_kernel_variants", True,
+                  "In the breakdown, also time the Pallas blocked kernels reading rows by index "
+                  "against the same kernels on sorted copies.")
 
 
 def _median_ms(fn, *args):
@@ -175,7 +180,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     rows = lambda x, start, count: jax.lax.slice_in_dim(x, start, start + count, axis=1)
 
     def hash_fn(qq, kk):
-      qg = hyper_lib._grouped_q(rows(qq, window.q_offset, tq), kh)  # pylint: disable=protected-access
+      qg = exact_lib.grouped_q(rows(qq, window.q_offset, tq), kh)
       kg = rows(kk, window.k_offset, tk).transpose(0, 2, 1, 3)
       return hyper_lib._lsh_sort_keys(qg, kg, None, proj, nb * qb, nb * bs)  # pylint: disable=protected-access
     qc, kc = jax.jit(hash_fn)(qq, kk)
@@ -197,7 +202,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
            "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
-    if impl == "pallas":
+    if impl == "pallas" and FLAGS.breakdown_kernel_variants:
       args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
       kw = dict(scale=scale, block_size=bs, window=window)
       for sort_in_kernel in (True, False):
@@ -220,9 +225,16 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
   b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
-  base_fn = lambda q, k, v: hyper_lib._exact(  # pylint: disable=protected-access
-      q, k, v, None, True, scale, config, impl)
-  result = {"base_case": _fwd_bwd_ms(base_fn, (fold(q), fold(k), fold(v)), 3), "levels": []}
+  # The base case by each kernel that can run it (the library picks cuDNN where it can); the
+  # backward as in training: from the final (out, lse), no lse cotangent.
+  folded = (fold(q), fold(k), fold(v))
+  kernels = ["xla"] if impl == "xla" else ["pallas"] + (
+      ["cudnn"] if cudnn_lib.available(folded[0], None) else [])
+  result = {"levels": []}
+  for kernel in kernels:
+    base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
+        q, k, v, None, None, True, scale, config.exact_chunk_size, kernel, False)
+    result[f"base_case_{kernel}"] = _fwd_bwd_ms(base_fn, folded, 3)
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])

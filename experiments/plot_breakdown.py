@@ -22,8 +22,11 @@ def stage_totals(breakdown):
   """{stage: {"fwd_ms", "bwd_ms"}} summed over the causal levels."""
   parts = [breakdown["noncausal"]] if "noncausal" in breakdown else breakdown["levels"]
   totals = {s: {"fwd_ms": 0.0, "bwd_ms": 0.0} for s in STAGES}
-  if "base_case" in breakdown:
-    parts = parts + [{"base_case": breakdown["base_case"]}]
+  # The base case by the kernel the library runs (cuDNN where it can); older records: base_case.
+  for name in ("base_case_cudnn", "base_case_pallas", "base_case_xla", "base_case"):
+    if name in breakdown:
+      parts = parts + [{"base_case": breakdown[name]}]
+      break
   for part in parts:
     for stage, times in part.items():
       if stage not in totals:  # kernel-variant timings (kernels_*) are not stages

@@ -104,7 +104,7 @@ def _cases(b_args, b_kw, base_args, scale):
   xla_blocked = lambda q, k, v, k_s, v_s: blocked_lib._forward(  # pylint: disable=protected-access
       q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
       b_kw["block_size"], b_kw["window"], "xla")
-  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
+  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, None, True, scale, 512, "xla")
   if FLAGS.phase == "fwd":
     return (("blocked", lambda t: lambda *a: pallas_kernels.blocked_attention_pallas(
                  *a, **b_kw, **t), b_args, lambda *a: xla_blocked(*a[:3], *a[5:7])),

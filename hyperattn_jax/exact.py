@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["flash_attention"]
+from hyperattn_jax.merge import merge_attention
+
+__all__ = ["flash_attention", "grouped_q"]
 
 _NEG_INF = float("-inf")
 
@@ -148,12 +150,15 @@ def _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk):
   return dq.astype(q.dtype), dk[:, :, :tk].astype(k.dtype), dv[:, :, :tk].astype(v.dtype)
 
 
+def grouped_q(q, kv_heads: int):
+  """Queries ``[B, T, N, H]`` -> ``[B, Nkv, G, T, H]`` (query head ``kv * G + g``)."""
+  b, t, n, h = q.shape
+  return q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
 def _grouped(q, k, v):
   """Public ``[B, T, N, H]`` -> q ``[B, Nkv, G, T, H]``, k/v ``[B, Nkv, T, H]`` (no repeats)."""
-  b, tq, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, tq, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
-  return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  return grouped_q(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _public(xg):
@@ -162,7 +167,12 @@ def _public(xg):
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
 
 
-def _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation):
+def _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation):
+  """(out, lse) of exact attention by the chosen kernel; key_mask None: every key valid."""
+  if implementation == "cudnn":
+    from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
+    return cudnn.attention_fwd(q, k, v, causal, scale)
+  key_mask = _ones_mask(k) if key_mask is None else key_mask
   if implementation == "pallas":
     from pallas_kernels import flash_attention_pallas  # pylint: disable=import-outside-toplevel
     return flash_attention_pallas(q, k, v, key_mask, causal, scale)
@@ -170,39 +180,87 @@ def _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation):
   return _public(out), _public(lse).swapaxes(1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
-                    implementation: str = "xla"):
-  """Exact attention with LSE in the public layout.
-
-  q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool -> out like q, lse
-  ``[B, N, Tq]`` float32. Rows whose keys are all masked get ``out = 0`` and ``lse = -inf``.
-  ``causal`` requires ``Tq == Tk`` (query ``i`` sees keys ``j <= i``). ``implementation`` picks
-  the forward and backward: ``"xla"`` the chunked loops here (heads-major), ``"pallas"`` the GPU
-  kernels (both the flash recomputation from the saved log-sum-exp).
-  """
-  return _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
-
-
-def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation):
-  out, lse = _forward_impl(q, k, v, key_mask, causal, scale, chunk, implementation)
-  return (out, lse), (q, k, v, key_mask, out, lse)
-
-
-def _vjp_bwd(causal, scale, chunk, implementation, res, cotangents):
-  q, k, v, key_mask, out, lse = res
-  d_out, d_lse = cotangents
-  if implementation == "pallas":
+def _kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
+                     implementation):
+  """(dq, dk, dv) from a given ``(out, lse)`` and cotangents (``d_lse`` None: no cotangent)."""
+  if implementation == "cudnn" and d_lse is None:
+    from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
+    return cudnn.attention_bwd(q, k, v, out, lse, d_out, causal, scale)
+  key_mask = _ones_mask(k) if key_mask is None else key_mask
+  d_lse = jnp.zeros_like(lse) if d_lse is None else d_lse
+  if implementation in ("pallas", "cudnn"):  # cuDNN's backward takes no LSE cotangent
     from pallas_kernels import flash_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    dq, dk, dv = flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal,
-                                            scale)
-  else:
-    grouped_stat = lambda x: x.reshape(x.shape[0], k.shape[2], -1, x.shape[-1])
-    qg, kg, vg = _grouped(q, k, v)
-    dq, dk, dv = _backward(qg, kg, vg, key_mask, _grouped(out, k, v)[0], grouped_stat(lse),
-                           _grouped(d_out, k, v)[0], grouped_stat(d_lse), causal, scale, chunk)
-    dq, dk, dv = _public(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale)
+  grouped_stat = lambda x: x.reshape(x.shape[0], k.shape[2], -1, x.shape[-1])
+  qg, kg, vg = _grouped(q, k, v)
+  dq, dk, dv = _backward(qg, kg, vg, key_mask, _grouped(out, k, v)[0], grouped_stat(lse),
+                         _grouped(d_out, k, v)[0], grouped_stat(d_lse), causal, scale, chunk)
+  return _public(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+
+
+def _ones_mask(k):
+  return jnp.ones(k.shape[:2], jnp.bool_)
+
+
+def _merge_weights(part_lse, lse):
+  """``exp(part_lse - lse)`` (0 where either is -inf): a part's share of the merged rows."""
+  finite = (part_lse > _NEG_INF) & (lse > _NEG_INF)
+  return jnp.where(finite, jnp.exp(jnp.where(finite, part_lse - lse, 0.0)), 0.0)
+
+
+def _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation):
+  out, lse = _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
+  if prior is None:
+    return out, lse
+  return merge_attention(prior[0], prior[1], out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def flash_attention(q, k, v, key_mask, prior, causal: bool, scale: float, chunk: int,
+                    implementation: str = "xla", lse_cotangent: bool = True):
+  """Exact attention with LSE in the public layout, optionally merged into a running result.
+
+  q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool or None (every key
+  valid) -> out like q, lse ``[B, N, Tq]`` float32. Rows whose keys are all masked get
+  ``out = 0`` and ``lse = -inf``. ``causal`` requires ``Tq == Tk`` (query ``i`` sees keys
+  ``j <= i``).
+
+  ``prior``: None, or ``(out, lse)`` of attention of the same queries over *other* keys; the
+  result is then their log-sum-exp merge (the attention over the union of the key sets). The
+  backward starts from the merged ``(out, lse)`` (``dS = P * (dO . v - dO . O + dlse)`` with
+  ``P`` normalised by the merged lse), so the merge itself costs no backward pass.
+
+  ``implementation``: ``"xla"`` (the chunked loops here, heads-major), ``"pallas"`` (the GPU
+  kernels) or ``"cudnn"`` (cuDNN's fused kernels, see ``hyperattn_jax/cudnn.py``; key_mask
+  must be None). ``lse_cotangent=False`` promises that the caller never differentiates the
+  returned lse (it is dropped): the backward then ignores the lse cotangent, which lets the
+  cuDNN backward run; otherwise ``"cudnn"`` differentiates with the Pallas backward kernels.
+  """
+  return _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation)
+
+
+def _vjp_fwd(q, k, v, key_mask, prior, causal, scale, chunk, implementation, lse_cotangent):
+  out, lse = _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation)
+  return (out, lse), (q, k, v, key_mask, prior, out, lse)
+
+
+def _vjp_bwd(causal, scale, chunk, implementation, lse_cotangent, res, cotangents):
+  q, k, v, key_mask, prior, out, lse = res
+  d_out, d_lse = cotangents
+  dq, dk, dv = _kernel_backward(q, k, v, key_mask, out, lse, d_out,
+                                d_lse if lse_cotangent else None, causal, scale, chunk,
+                                implementation)
+  d_prior = None
+  if prior is not None:
+    prior_out, prior_lse = prior
+    w = _merge_weights(prior_lse, lse)                                      # [B, N, T]
+    rows = lambda x: jnp.swapaxes(x, 1, 2)[..., None]
+    d_prior_out = (d_out.astype(jnp.float32) * rows(w)).astype(prior_out.dtype)
+    spread = jnp.sum(d_out.astype(jnp.float32) *
+                     (prior_out.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1)
+    d_lse_f = d_lse.astype(jnp.float32) if lse_cotangent else 0.0
+    d_prior = (d_prior_out, w * (jnp.swapaxes(spread, 1, 2) + d_lse_f))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_prior
 
 
 flash_attention.defvjp(_vjp_fwd, _vjp_bwd)

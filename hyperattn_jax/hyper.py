@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax import checks
+from hyperattn_jax import cudnn
 from hyperattn_jax import lsh
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.exact import flash_attention
+from hyperattn_jax.exact import flash_attention, grouped_q
+from hyperattn_jax.merge import merge_attention
 
 __all__ = ["hyper_attention", "exact_attention", "merge_attention"]
 
@@ -42,45 +44,19 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout helpers
-
-
-def _grouped_q(q, kv_heads):
-  """``[B, T, N, H]`` -> ``[B, Nkv, G, T, H]`` (query head ``kv * G + g``)."""
-  b, t, n, h = q.shape
-  return q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-
-
-def merge_attention(out1, lse1, out2, lse2):
-  """Log-sum-exp merge of two attentions over disjoint key sets.
-
-  out ``[..., T, N, H]`` with lse ``[..., N, T]`` (the public layouts). Rows empty in both parts
-  stay ``0`` / ``-inf``.
-  """
-  # Written out (not jnp.logaddexp) so that rows empty in both parts get finite gradients.
-  top = jax.lax.stop_gradient(jnp.maximum(lse1, lse2))
-  top = jnp.where(top == _NEG_INF, 0.0, top)
-  e1, e2 = jnp.exp(lse1 - top), jnp.exp(lse2 - top)
-  total = e1 + e2
-  has = total > 0
-  total_safe = jnp.where(has, total, 1.0)
-  lse = jnp.where(has, top + jnp.log(total_safe), _NEG_INF)
-  w1, w2 = e1 / total_safe, e2 / total_safe
-  to_rows = lambda w: jnp.swapaxes(w, -1, -2)[..., None]
-  out = out1.astype(jnp.float32) * to_rows(w1) + out2.astype(jnp.float32) * to_rows(w2)
-  return out.astype(out1.dtype), lse
-
-
-# ----------------------------------------------------------------------------------------------
 # Exact attention (base case of the recursion and the exact baseline)
 
 
-def _exact(q, k, v, key_mask, causal, scale, config, implementation):
-  """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
-  if key_mask is None:
-    key_mask = jnp.ones(k.shape[:2], jnp.bool_)
-  return flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
-                         implementation)
+def _exact(q, k, v, key_mask, causal, scale, config, implementation, prior=None,
+           lse_cotangent=True):
+  """Exact attention in the public layout (merged into ``prior`` when given); returns (out,
+  lse) with lse ``[B, N, T]``. On GPU ("pallas") it runs on cuDNN's fused kernels where cuDNN
+  can (no key mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
+  ``experiments/bench_attention.py``)."""
+  if implementation == "pallas" and cudnn.available(q, key_mask):
+    implementation = "cudnn"
+  return flash_attention(q, k, v, key_mask, prior, causal, scale, config.exact_chunk_size,
+                         implementation, lse_cotangent)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +160,7 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
 
   # 1. sortLSH (padding rows/keys get the invalid code, so they sort last): local row orders.
   window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
-  qg = _grouped_q(window_rows(q, window.q_offset, tq), kh)
+  qg = grouped_q(window_rows(q, window.q_offset, tq), kh)
   kg = window_rows(k, window.k_offset, tk).transpose(0, 2, 1, 3)
   q_code, k_code = _lsh_sort_keys(qg, kg, key_mask, projections, nb * qb, nb * bs)
   q_perm, k_perm = _perm(q_code, tq), _perm(k_code, tk)
@@ -224,28 +200,24 @@ def _split_halves(x, parts, axis):
   return take(0), take(1)
 
 
-def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
+def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
   b, t, nq, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
   tp = base * 2 ** levels
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   q, k, v = pad(q), pad(k), pad(v)
-  key_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
+  level_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
 
-  # Base case: exact causal attention on the 2**L diagonal blocks, one batched call.
-  fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
-  out, lse = _exact(fold(q), fold(k), fold(v), fold(key_mask), True, scale, config,
-                    implementation)
-  out = out.reshape(b, tp, nq, h)
-  lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
-
-  # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched.
+  # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched,
+  # each merged into the running (out, lse) of its query rows.
+  out = jnp.zeros(q.shape, q.dtype)
+  lse = jnp.full((b, nq, tp), _NEG_INF, jnp.float32)
   for d in range(levels):
     parts = 2 ** d
     half = tp // (2 * parts)
     # Each quadrant reads rows [half, 2 half) (queries) and [0, half) (keys) of its pair.
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
-    m1 = pairs(key_mask)[:, :half]
+    m1 = pairs(level_mask)[:, :half]
     o_d, l_d = _hyper_noncausal(pairs(q), pairs(k), pairs(v), m1, jax.random.fold_in(rng, d),
                                 config, scale, implementation, RowWindow(half, half, 0, half))
     out_first, out_second = _split_halves(out, parts, 1)      # [B, parts, half, N, H]
@@ -255,6 +227,19 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
     merged_o, merged_l = merge_attention(out_second, jnp.moveaxis(lse_second, 2, 1), o_d, l_d)
     out = jnp.stack([out_first, merged_o], axis=2).reshape(b, tp, nq, h)
     lse = jnp.stack([lse_first, jnp.moveaxis(merged_l, 1, 2)], axis=3).reshape(b, nq, tp)
+
+  # Base case, last: exact causal attention on the 2**L diagonal blocks (one batched call),
+  # merged into the levels' result inside the call, so that its backward starts from the final
+  # (out, lse). Padding keys lie after every real query, so without a key mask the causal mask
+  # alone excludes them (which lets cuDNN run it).
+  fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
+  fold_stats = lambda x: x.reshape(b, nq, 2 ** levels, base).transpose(0, 2, 1, 3).reshape(
+      b * 2 ** levels, nq, base)
+  base_mask = None if key_mask is None else fold(level_mask)
+  out, lse = _exact(fold(q), fold(k), fold(v), base_mask, True, scale, config, implementation,
+                    prior=(fold(out), fold_stats(lse)), lse_cotangent=lse_cotangent)
+  out = out.reshape(b, tp, nq, h)
+  lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
   return out[:, :t], lse[..., :t]
 
 
@@ -279,15 +264,18 @@ def _pallas_available() -> bool:
   return hasattr(pallas_kernels, "blocked_attention_pallas")
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation"))
-def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation):
-  if causal:
-    if q.shape[1] <= config.min_seq_len:
-      return _exact(q, k, v, key_mask, True, scale, config, implementation)
-    return _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
-  if k.shape[1] <= max(config.min_seq_len, config.block_size):
-    return _exact(q, k, v, key_mask, False, scale, config, implementation)
-  return _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
+@functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation",
+                                             "return_lse"))
+def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, return_lse):
+  """(out, lse), or out alone when not ``return_lse`` (then no lse cotangent can arrive)."""
+  if causal and q.shape[1] > config.min_seq_len:
+    out, lse = _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, return_lse)
+  elif causal or k.shape[1] <= max(config.min_seq_len, config.block_size):
+    out, lse = _exact(q, k, v, key_mask, causal, scale, config, implementation,
+                      lse_cotangent=return_lse)
+  else:
+    out, lse = _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
+  return (out, lse) if return_lse else out
 
 
 def hyper_attention(query, key, value, *, rng, causal: bool = False,
@@ -324,15 +312,16 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
   scale = checks.check_scale(scale, dims.head_dim)
   checks.check_rng(rng)
   implementation = _resolve_implementation(implementation)
-  out, lse = _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
-                        implementation)
+  return _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
+                    implementation, bool(return_lse))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation",
+                                             "return_lse"))
+def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, return_lse):
+  out, lse = flash_attention(q, k, v, key_mask, None, causal, scale, chunk_size, implementation,
+                             return_lse)
   return (out, lse) if return_lse else out
-
-
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation"))
-def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation):
-  return _exact(q, k, v, key_mask, causal, scale,
-                        HyperAttentionConfig(exact_chunk_size=chunk_size), implementation)
 
 
 def exact_attention(query, key, value, *, causal: bool = False, scale: float | None = None,
@@ -351,6 +340,5 @@ def exact_attention(query, key, value, *, causal: bool = False, scale: float | N
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   implementation = _resolve_implementation(implementation)
-  out, lse = _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size,
-                        implementation)
-  return (out, lse) if return_lse else out
+  return _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size,
+                    implementation, bool(return_lse))

@@ -187,12 +187,17 @@ def test_jit_vmap_grad(seed):
     np.testing.assert_allclose(mapped[i], f(q[i:i + 1], k[i:i + 1], v[i:i + 1], rngs[i]),
                                atol=1e-6)
   # Gradient of the approximation == gradient of the dense reference for the same key.
+  # Without return_lse (no lse cotangent) and with it (the lse differentiated too).
   w = jax.random.normal(jax.random.key(seed + 1), q.shape)
-  g = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, rng) * w), argnums=(0, 1, 2))(q, k, v)
-  g_ref = jax.grad(lambda q, k, v: jnp.sum(reference_hyper_attention(
-      q, k, v, rng=rng, causal=True, config=SMALL)[0] * w), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(g, g_ref):
-    assert rel_err(a, b) < 1e-5
+  ref = lambda q, k, v: reference_hyper_attention(q, k, v, rng=rng, causal=True, config=SMALL)
+  with_lse = lambda q, k, v: hyper_attention(q, k, v, rng=rng, causal=True, config=SMALL,
+                                             return_lse=True)
+  for fn, loss in ((lambda *x: (f(*x, rng), None), lambda o, l: jnp.sum(o * w)),
+                   (with_lse, lambda o, l: jnp.sum(o * w) + jnp.sum(jnp.sin(l)))):
+    g = jax.grad(lambda *x: loss(*fn(*x)), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *x: loss(*ref(*x)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+      assert rel_err(a, b) < 1e-5
 
 
 BAD = [

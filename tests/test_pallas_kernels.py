@@ -112,7 +112,7 @@ def _inputs_77(seed, dtype):
 def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
   q, k, v, mask = _inputs_77(seed, dtype)
   out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, block_q=32, block_k=16)
-  ref_out, ref_lse = flash_attention(q, k, v, mask, causal, 0.2, 32)
+  ref_out, ref_lse = flash_attention(q, k, v, mask, None, causal, 0.2, 32)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
@@ -186,7 +186,7 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
   q, k, v, mask = _inputs_77(seed, dtype)
-  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, causal, 0.2, 32),
+  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, None, causal, 0.2, 32),
                             q, k, v)
   d_out, d_lse = _cotangents(seed, out, lse)
   grads = flash_attention_bwd_pallas(q, k, v, mask, out, lse, d_out, d_lse, causal, 0.2,
