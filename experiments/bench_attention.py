@@ -68,6 +68,7 @@ flags.DEFINE_integer("max_exact_n", 65536, "Skip exact_xla above this n (quadrat
 flags.DEFINE_float("time_cap_s", 2.0,
                    "Skip a variant's larger n once its median call time (s) exceeds this.")
 flags.DEFINE_bool("breakdown", False, "Also time HyperAttention's stages.")
+flags.DEFINE_list("breakdown_ns", [], "Lengths to break down (default: every n > min_seq_len).")
 flags.DEFINE_bool("breakdown_kernel_variants", True,
                   "In the breakdown, also time the Pallas blocked kernels reading rows by index "
                   "against the same kernels on sorted copies.")
@@ -151,55 +152,54 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
     cot = jax.tree.unflatten(tree, [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype)
                                     for kk, x in zip(keys, leaves)])
 
-    def fwdbwd(*a):
+    def fwdbwd(cot, *a):
       _, vjp = jax.vjp(lambda *d: fn(*d, *a[n_diff:]), *a[:n_diff])
       return vjp(cot)
-    total = _median_ms(jax.jit(fwdbwd), *args)[0]
+    total = _median_ms(jax.jit(fwdbwd), cot, *args)[0]
     result["bwd_ms"] = max(total - result["fwd_ms"], 0.0)
   return result
 
 
 def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   """Forward and backward times of HyperAttention's stages (the functions of ``hyper.py``):
-  hash, sort (permutations) + samples, the blocked stage (reading rows by index, writing them
+  hash (once per call, also for all causal levels), sort (permutations) + samples, the blocked stage (reading rows by index, writing them
   back unsorted); causal adds the base case and each level's merge. Backward =
   jit(forward+backward) - jit(forward), per stage. For Pallas, also the blocked kernels on rows
   by index vs. on sorted copies gathered (and scattered back) by XLA: forward and backward
   calls timed on their own."""
   scale = FLAGS.head_dim ** -0.5
 
-  def noncausal_stages(qq, kk, vv, window):
+  proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
+  hash_fn = lambda q, k, proj: hyper_lib._sort_keys(q, k, None, proj)  # pylint: disable=protected-access
+  hashed = {"hash": _fwd_bwd_ms(hash_fn, (q, k, proj), 0)}  # once per call, for every level
+  q_code, k_code = jax.jit(hash_fn)(q, k, proj)
+
+  def noncausal_stages(qq, kk, vv, window, codes):
     b, _, nq, hd = qq.shape
     kh = kk.shape[2]
     tq, tk = window.q_len, window.k_len
     bs, m = config.block_size, config.sample_size
     nb = -(-tk // bs)
     qb = -(-tq // nb)
-    proj = lsh.draw_projections(rng, kh, hd, config.lsh_num_projs)
     n_valid = jnp.full((b,), tk, jnp.int32)
-    rows = lambda x, start, count: jax.lax.slice_in_dim(x, start, start + count, axis=1)
-
-    def hash_fn(qq, kk):
-      qg = exact_lib.grouped_q(rows(qq, window.q_offset, tq), kh)
-      kg = rows(kk, window.k_offset, tk).transpose(0, 2, 1, 3)
-      return hyper_lib._lsh_sort_keys(qg, kg, None, proj, nb * qb, nb * bs)  # pylint: disable=protected-access
-    qc, kc = jax.jit(hash_fn)(qq, kk)
+    qc, kc = codes
 
     def sort_sample(kk, vv, qc, kc):
-      q_perm = hyper_lib._perm(qc, tq)  # pylint: disable=protected-access
-      k_perm = hyper_lib._perm(kc, tk)  # pylint: disable=protected-access
+      q_perm = hyper_lib._perm(qc, nb * qb, config.lsh_num_projs)  # pylint: disable=protected-access
+      k_perm = hyper_lib._perm(kc, nb * bs, config.lsh_num_projs)  # pylint: disable=protected-access
       pos, lw = lsh.draw_samples(rng, "uniform", jnp.zeros((b, kh, nb * bs, 1)), n_valid, m)
       samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
       take = lambda x: blocked_lib.grouped_rows(x, samp_rows, window.k_offset)[:, :, 0]
       return take(kk), take(vv), lw, q_perm, k_perm, pos
+    # Arrays enter every timed function as arguments (closed-over arrays would be constants
+    # that XLA tries to fold, e.g. whole sorts at compile time).
     k_s, v_s, lw, q_perm, k_perm, pos = jax.jit(sort_sample)(kk, vv, qc, kc)
     perms = (q_perm, k_perm)
-    blocked = lambda qq, kk, vv, k_s, v_s, lw: blocked_lib.blocked_attention(
-        qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw, scale, bs, window, impl)
-    res = {"hash": _fwd_bwd_ms(hash_fn, (qq, kk), 0),
-           "sort_samples": _fwd_bwd_ms(lambda kk, vv: sort_sample(kk, vv, qc, kc)[:3],
-                                       (kk, vv), 2),
-           "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw), 6)}
+    blocked = lambda qq, kk, vv, k_s, v_s, lw, q_perm, k_perm, pos, n_valid: (
+        blocked_lib.blocked_attention(qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw,
+                                      scale, bs, window, impl))
+    res = {"sort_samples": _fwd_bwd_ms(lambda *a: sort_sample(*a)[:3], (kk, vv, qc, kc), 2),
+           "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw, *perms, pos, n_valid), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
     if impl == "pallas" and FLAGS.breakdown_kernel_variants:
@@ -221,7 +221,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     return res
 
   if not causal:
-    return {"noncausal": noncausal_stages(q, k, v, RowWindow(0, n, 0, n))}
+    return {"noncausal": {**hashed, **noncausal_stages(q, k, v, RowWindow(0, n, 0, n),
+                                                       (q_code, k_code))}}
   levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
   b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
@@ -230,7 +231,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   folded = (fold(q), fold(k), fold(v))
   kernels = ["xla"] if impl == "xla" else ["pallas"] + (
       ["cudnn"] if cudnn_lib.available(folded[0], None) else [])
-  result = {"levels": []}
+  result = {**hashed, "levels": []}
   for kernel in kernels:
     base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
         q, k, v, None, None, True, scale, config.exact_chunk_size, kernel, False)
@@ -238,7 +239,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
-    level = noncausal_stages(pairs(q), pairs(k), pairs(v), RowWindow(half, half, 0, half))
+    level = noncausal_stages(pairs(q), pairs(k), pairs(v), RowWindow(half, half, 0, half),
+                             hyper_lib.level_codes(q_code, k_code, parts))
     lse = jnp.zeros((b * parts, nq, half), jnp.float32)
     qd = pairs(q)[:, half:]
     level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 4)
@@ -305,7 +307,8 @@ def main(argv):
           else:
             print(f"{n:>8} {causal!s:>6} {mode:>6} {impl:>13} "
                   f"{rec.get('skipped') or rec.get('error')}", flush=True)
-    if FLAGS.breakdown and n > config.min_seq_len:
+    if FLAGS.breakdown and n > config.min_seq_len and (
+        not FLAGS.breakdown_ns or str(n) in FLAGS.breakdown_ns):
       for impl in [i for i in FLAGS.impls if i.startswith("hyper_")]:
         for causal in (c == "true" for c in FLAGS.causal):
           try:

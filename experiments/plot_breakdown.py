@@ -22,6 +22,8 @@ def stage_totals(breakdown):
   """{stage: {"fwd_ms", "bwd_ms"}} summed over the causal levels."""
   parts = [breakdown["noncausal"]] if "noncausal" in breakdown else breakdown["levels"]
   totals = {s: {"fwd_ms": 0.0, "bwd_ms": 0.0} for s in STAGES}
+  if "hash" in breakdown:  # causal: hashed once per call, for every level
+    parts = parts + [{"hash": breakdown["hash"]}]
   # The base case by the kernel the library runs (cuDNN where it can); older records: base_case.
   for name in ("base_case_cudnn", "base_case_pallas", "base_case_xla", "base_case"):
     if name in breakdown:

@@ -12,10 +12,12 @@ Non-causal (``_hyper_noncausal``):
      the shared uniform samples (reweighted, own-block samples masked), in one softmax,
      reading rows by index (``blocked.py`` in XLA, ``pallas_kernels`` on GPU);
   4. the outputs are written back to the unsorted rows by the same index.
-Causal (``_hyper_causal``): exact causal attention on the ``2**L`` diagonal base blocks, then for
-each recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of
-the same arrays), through the non-causal algorithm; every part is merged into the running
-(out, lse) by log-sum-exp.
+Causal (``_hyper_causal``): every query and key is hashed once (one set of hyperplanes); for each
+recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of the same
+arrays), through the non-causal algorithm, merged into the running (out, lse) by log-sum-exp;
+last, exact causal attention on the ``2**L`` diagonal base blocks (one batched call: cuDNN on
+GPU where it can run it, else the Pallas/XLA flash loops), merged inside that call so that its
+backward starts from the final (out, lse).
 """
 
 from __future__ import annotations
@@ -63,25 +65,36 @@ def _exact(q, k, v, key_mask, causal, scale, config, implementation, prior=None,
 # Non-causal HyperAttention
 
 
-def _lsh_sort_keys(qg, kg, key_mask, projections, q_rows, k_rows):
-  """Stage 1a, hashing: Gray-rank sort keys of q ``[B, Nkv, G, q_rows]`` and k ``[B, Nkv,
-  k_rows]``; masked keys and padding rows get ``2**r`` (they sort after every real bucket)."""
-  invalid_code = 2 ** projections.shape[-1]
-  tq, tk = qg.shape[3], kg.shape[2]
-  q_code = jnp.pad(lsh.lsh_sort_keys(qg, projections), ((0, 0),) * 3 + ((0, q_rows - tq),),
-                   constant_values=invalid_code)
-  k_code = lsh.lsh_sort_keys(kg, projections)
+def _sort_keys(q, k, key_mask, projections):
+  """Stage 1a, hashing: Gray-rank sort keys of every query ``[B, Nkv, G, Tq]`` and key ``[B,
+  Nkv, Tk]`` (q ``[B, Tq, N, H]``, k ``[B, Tk, Nkv, H]``); masked keys get ``2**r``, so that
+  they sort after every real bucket."""
+  kh = k.shape[2]
+  q_code = lsh.lsh_sort_keys(grouped_q(q, kh), projections)
+  k_code = lsh.lsh_sort_keys(k.transpose(0, 2, 1, 3), projections)
   if key_mask is not None:
-    k_code = jnp.where(key_mask[:, None, :], k_code, invalid_code)
-  k_code = jnp.pad(k_code, ((0, 0), (0, 0), (0, k_rows - tk)), constant_values=invalid_code)
+    k_code = jnp.where(key_mask[:, None, :], k_code, 2 ** projections.shape[-1])
   return q_code, k_code
 
 
-def _perm(code, valid_rows):
-  """Stage 1b: the stable sort of the rows by their sort keys, as local row indices (rows at
-  and beyond ``valid_rows`` are padding, -1)."""
-  perm = jnp.argsort(code, axis=-1, stable=True).astype(jnp.int32)
-  return jnp.where(perm < valid_rows, perm, -1)
+def _perm(code, rows: int, num_projs: int):
+  """Stage 1b: the stable sort of the rows by their sort keys ``code`` ``[..., n]``, as local
+  row indices ``[..., rows]``, padded to ``rows`` (padding sorts last and is -1).
+
+  Sort key and row index are packed into one int32 where they fit (one radix-sortable key,
+  unique, so an unstable sort is stable), else an argsort of (key, row) pairs.
+  """
+  n = code.shape[-1]
+  code = jnp.pad(code, ((0, 0),) * (code.ndim - 1) + ((0, rows - n),),
+                 constant_values=2 ** num_projs)
+  row_bits = max(1, (rows - 1).bit_length())
+  if num_projs + 1 + row_bits <= 31:
+    rows_iota = jax.lax.broadcasted_iota(jnp.int32, code.shape, code.ndim - 1)
+    packed = jax.lax.sort(jnp.left_shift(code, row_bits) | rows_iota, dimension=code.ndim - 1)
+    perm = jnp.bitwise_and(packed, (1 << row_bits) - 1)
+  else:
+    perm = jnp.argsort(code, axis=-1, stable=True).astype(jnp.int32)
+  return jnp.where(perm < n, perm, -1)
 
 
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
@@ -137,12 +150,14 @@ def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAtte
 
 
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
-                     implementation, window: RowWindow | None = None):
+                     implementation, window: RowWindow | None = None, codes=None):
   """Approximate attention of the window's queries over the window's keys.
 
   q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``; ``window`` (default: every row) says which rows
-  are this problem's; key_mask: ``[P, k_len]`` bool or None. Returns out ``[P, q_len, Nq, H]``,
-  lse ``[P, Nq, q_len]``.
+  are this problem's; key_mask: ``[P, k_len]`` bool or None. ``codes``: the window's sort keys
+  (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the caller hashed already (the causal
+  levels share one hashing per call); else they are hashed here with hyperplanes drawn from
+  ``rng``. Returns out ``[P, q_len, Nq, H]``, lse ``[P, Nq, q_len]``.
   """
   if window is None:
     window = RowWindow(0, q.shape[1], 0, k.shape[1])
@@ -154,16 +169,17 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
 
   # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
   proj_rng, sample_rng, rows_rng = jax.random.split(rng, 3)
-  projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
   n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
              else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
 
   # 1. sortLSH (padding rows/keys get the invalid code, so they sort last): local row orders.
-  window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
-  qg = grouped_q(window_rows(q, window.q_offset, tq), kh)
-  kg = window_rows(k, window.k_offset, tk).transpose(0, 2, 1, 3)
-  q_code, k_code = _lsh_sort_keys(qg, kg, key_mask, projections, nb * qb, nb * bs)
-  q_perm, k_perm = _perm(q_code, tq), _perm(k_code, tk)
+  if codes is None:
+    window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
+    projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
+    codes = _sort_keys(window_rows(q, window.q_offset, tq), window_rows(k, window.k_offset, tk),
+                       key_mask, projections)
+  q_perm = _perm(codes[0], nb * qb, config.lsh_num_projs)
+  k_perm = _perm(codes[1], nb * bs, config.lsh_num_projs)
 
   # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
   key_rows = lambda x, perm: grouped_rows(x, perm[:, :, None], window.k_offset)[:, :, 0]
@@ -200,6 +216,17 @@ def _split_halves(x, parts, axis):
   return take(0), take(1)
 
 
+def level_codes(q_code, k_code, parts: int):
+  """The sort keys of level ``log2(parts)``'s quadrants, from those of the whole sequence (q
+  ``[B, Nkv, G, T]``, k ``[B, Nkv, T]``): second-half queries and first-half keys of each of
+  the ``parts`` pairs, pairs folded into the batch (``[B * parts, ..., T / (2 parts)]``)."""
+  def pair_halves(c):
+    t = c.shape[-1]
+    c = jnp.moveaxis(c.reshape(c.shape[:-1] + (parts, 2, t // (2 * parts))), -3, 1)
+    return c.reshape((c.shape[0] * parts,) + c.shape[2:])          # [B * parts, ..., 2, half]
+  return pair_halves(q_code)[..., 1, :], pair_halves(k_code)[..., 0, :]
+
+
 def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
   b, t, nq, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
@@ -207,6 +234,11 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   q, k, v = pad(q), pad(k), pad(v)
   level_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
+
+  # Every query and key is hashed once, with one set of hyperplanes for all levels.
+  projections = lsh.draw_projections(jax.random.split(rng, 3)[0], k.shape[2], h,
+                                     config.lsh_num_projs)
+  q_code, k_code = _sort_keys(q, k, level_mask, projections)
 
   # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched,
   # each merged into the running (out, lse) of its query rows.
@@ -219,7 +251,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
     m1 = pairs(level_mask)[:, :half]
     o_d, l_d = _hyper_noncausal(pairs(q), pairs(k), pairs(v), m1, jax.random.fold_in(rng, d),
-                                config, scale, implementation, RowWindow(half, half, 0, half))
+                                config, scale, implementation, RowWindow(half, half, 0, half),
+                                level_codes(q_code, k_code, parts))
     out_first, out_second = _split_halves(out, parts, 1)      # [B, parts, half, N, H]
     lse_first, lse_second = _split_halves(lse, parts, 2)      # [B, N, parts, half]
     o_d = o_d.reshape(b, parts, half, nq, h)

@@ -63,8 +63,9 @@ def _grouped(x, kv_heads):
   return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
-def lsh_blocks(q, k, key_mask, rng, config, v=None):
-  """Sorted-block ids and sample weights the non-causal approximation draws from ``rng``.
+def lsh_blocks(q, k, key_mask, rng, config, v=None, projections=None):
+  """Sorted-block ids and sample weights the non-causal approximation draws from ``rng``
+  (the LSH hyperplanes too, unless ``projections`` ``[Nkv, H, r]`` are given).
 
   Returns ``q_block [B, Nq, Tq]`` and ``k_block [B, Nq, Tk]`` int (a query attends exactly to the
   keys of its own block; masked keys may share a block id and must be excluded with ``key_mask``),
@@ -79,7 +80,8 @@ def lsh_blocks(q, k, key_mask, rng, config, v=None):
   nb = -(-tk // bs)
   qb = -(-tq // nb)
   proj_rng, sample_rng, _ = jax.random.split(rng, 3)
-  projections = lsh.draw_projections(proj_rng, kh, h, r)
+  if projections is None:
+    projections = lsh.draw_projections(proj_rng, kh, h, r)
   n_valid = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
 
   # [B, Nkv, G, Tq] and [B, Nkv, Tk] sort keys; invalid keys last.
@@ -103,9 +105,9 @@ def lsh_blocks(q, k, key_mask, rng, config, v=None):
   return q_rank // qb, k_block, jnp.repeat(sample_w, g, axis=1), q_rank
 
 
-def _noncausal_log_weights(q, k, v, key_mask, rng, config, scale):
+def _noncausal_log_weights(q, k, v, key_mask, rng, config, scale, projections=None):
   """Log-weights ``[B, Nq, Tq, Tk]`` and the phantom log-mass ``[B, Nq, Tq]`` (or None)."""
-  q_block, k_block, sample_w, q_rank = lsh_blocks(q, k, key_mask, rng, config, v)
+  q_block, k_block, sample_w, q_rank = lsh_blocks(q, k, key_mask, rng, config, v, projections)
   s = _scores(q, k, scale)
   same = q_block[..., :, None] == k_block[..., None, :]
   valid = key_mask[:, None, None, :]
@@ -143,6 +145,9 @@ def _causal_log_weights(q, k, v, key_mask, rng, config, scale):
   tp = base * 2 ** levels
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   q, k, v, key_mask = pad(q), pad(k), pad(v), pad(key_mask)
+  # One set of hyperplanes for every level; the samples are drawn per level.
+  projections = lsh.draw_projections(jax.random.split(rng, 3)[0], k.shape[2], h,
+                                     config.lsh_num_projs)
   log_w = jnp.full((b, nq, tp, tp), _NEG_INF, jnp.float32)
   phantom = jnp.full((b, nq, tp), _NEG_INF, jnp.float32)
   for i in range(2 ** levels):
@@ -154,7 +159,7 @@ def _causal_log_weights(q, k, v, key_mask, rng, config, scale):
     halves = lambda x, which: x.reshape((b, parts, 2, half) + x.shape[2:])[:, :, which].reshape(
         (b * parts, half) + x.shape[2:])
     w, ph = _noncausal_log_weights(halves(q, 1), halves(k, 0), halves(v, 0), halves(key_mask, 0),
-                                   jax.random.fold_in(rng, d), config, scale)
+                                   jax.random.fold_in(rng, d), config, scale, projections)
     w = w.reshape(b, parts, nq, half, half)
     for p in range(parts):
       rows = slice((2 * p + 1) * half, (2 * p + 2) * half)
