@@ -117,13 +117,19 @@ def plot_estimators(rows, out_dir: str):
     cost = sorted({x["keys_per_query"] for x in sel})
     err = [np.mean([x["rel_fro_error"] for x in sel if x["keys_per_query"] == c]) for c in cost]
     ax.plot(cost, err, "o-", label=f"{est}, r={r}")
-  ax.set(xlabel="keys per query (block + samples)", ylabel="mean relative Frobenius error",
-         xscale="log", yscale="log", title="estimators at equal cost")
+  _save_error_vs_cost(fig, ax, "mean relative Frobenius error", "estimators at equal cost",
+                      os.path.join(out_dir, "estimators_vs_cost.png"))
+  plt.close(fig)
+
+
+def _save_error_vs_cost(fig, ax, ylabel: str, title: str, path: str):
+  """Log-log axes of error against keys per query, legend, saved to ``path``."""
+  ax.set(xlabel="keys per query (block + samples)", ylabel=ylabel, xscale="log", yscale="log",
+         title=title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "estimators_vs_cost.png"), dpi=120)
-  plt.close(fig)
+  fig.savefig(path, dpi=120)
 
 
 def plot(rows, out_dir: str):
@@ -136,12 +142,8 @@ def plot(rows, out_dir: str):
                  key=lambda x: x["keys_per_query"])
     ax.plot([x["keys_per_query"] for x in sel], [np.mean(x["rel_fro_error"]) for x in sel],
             "o-", label=f"{layer}, r={r}")
-  ax.set(xlabel="keys per query (block + samples)", ylabel="relative Frobenius error",
-         xscale="log", yscale="log", title="error vs cost")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "error_vs_cost.png"), dpi=120)
+  _save_error_vs_cost(fig, ax, "relative Frobenius error", "error vs cost",
+                      os.path.join(out_dir, "error_vs_cost.png"))
   largest = max(rows, key=lambda x: (x["keys_per_query"], x["lsh_num_projs"]))
   setting = {k: largest[k] for k in ("block_size", "sample_size", "lsh_num_projs")}
   sel = [x for x in rows if all(x[k] == v for k, v in setting.items())]

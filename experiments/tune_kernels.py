@@ -51,6 +51,10 @@ flags.DEFINE_list("num_warps", ["4", "8"], "Warps.")
 flags.DEFINE_list("num_stages", ["2", "3"], "Pipeline stages.")
 flags.DEFINE_integer("reps", 10, "Timed repetitions (median).")
 flags.DEFINE_enum("phase", "fwd", ["fwd", "bwd"], "Forward or backward kernels.")
+flags.DEFINE_list("sample_groups", ["8"],
+                  "Backward blocked kernel: float32 partials of the sample gradients.")
+flags.DEFINE_list("kernels", [], "Only these cases (blocked, base_case, blocked_bwd, "
+                  "base_case_bwd); default: both of the phase.")
 flags.DEFINE_float("max_err", 5e-2, "Largest abs error vs XLA for a tiling to count as best.")
 
 
@@ -99,29 +103,36 @@ def _base_inputs(rng):
 
 
 def _cases(b_args, b_kw, base_args, scale):
-  """(name, kernel(tiles) -> fn, args, reference fn) of the chosen pass."""
-  (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w) = b_args
-  xla_blocked = lambda q, k, v, k_s, v_s: blocked_lib._forward(  # pylint: disable=protected-access
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
-      b_kw["block_size"], b_kw["window"], "xla")
-  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, None, True, scale, 512, "xla")
+  """(name, kernel(tiles) -> fn, args, reference fn) of the chosen pass. Every array reaches
+  the jitted functions as an argument (closed-over arrays become constants XLA may fold)."""
+  def xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w):
+    return blocked_lib._forward(  # pylint: disable=protected-access
+        q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
+        b_kw["block_size"], b_kw["window"], "xla")
+  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, None, True, scale, 512,
+                                                          "xla")
   if FLAGS.phase == "fwd":
     return (("blocked", lambda t: lambda *a: pallas_kernels.blocked_attention_pallas(
-                 *a, **b_kw, **t), b_args, lambda *a: xla_blocked(*a[:3], *a[5:7])),
+                 *a, **b_kw, **t), b_args, xla_blocked),
             ("base_case", lambda t: lambda q, k, v, m: pallas_kernels.flash_attention_pallas(
                  q, k, v, m, True, scale, **t), base_args, xla_base))
-  out, lse = jax.jit(xla_blocked)(q, k, v, k_s, v_s)
-  d_out, d_lse = out, jnp.zeros_like(lse)
-  ref_b = lambda *a: jax.vjp(xla_blocked, q, k, v, k_s, v_s)[1]((d_out, d_lse))
-  bq, bk, bv, bm = base_args
+  out, lse = jax.jit(xla_blocked)(*b_args)
+  cot = (out, jnp.zeros_like(lse))
+
+  def ref_b(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, out, lse, d_out, d_lse):
+    del out, lse
+    fwd = lambda q, k, v: xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w)
+    return jax.vjp(fwd, q, k, v)[1]((d_out, d_lse))
+
+  def ref_base(q, k, v, m, out, lse, d_out, d_lse):
+    del out, lse
+    return jax.vjp(lambda q, k, v: xla_base(q, k, v, m), q, k, v)[1]((d_out, d_lse))
   b_out, b_lse = jax.jit(xla_base)(*base_args)
-  ref_base = lambda *a: jax.vjp(lambda q, k, v: xla_base(q, k, v, bm), bq, bk, bv)[1](
-      (b_out, jnp.zeros_like(b_lse)))
   return (("blocked_bwd", lambda t: lambda *a: pallas_kernels.blocked_attention_bwd_pallas(
-               *a, **b_kw, **t)[:3], b_args + (out, lse, d_out, d_lse), ref_b),
+               *a, **b_kw, **t)[:3], b_args + (out, lse) + cot, ref_b),
           ("base_case_bwd", lambda t: lambda *a: pallas_kernels.flash_attention_bwd_pallas(
-               *a, True, scale, **t), (bq, bk, bv, bm, b_out, b_lse, b_out,
-                                       jnp.zeros_like(b_lse)), ref_base))
+               *a, True, scale, **t), base_args + (b_out, b_lse, b_out, jnp.zeros_like(b_lse)),
+           ref_base))
 
 
 def main(argv):
@@ -130,7 +141,8 @@ def main(argv):
   b_args, b_kw = _blocked_inputs(rng)
   base_args = _base_inputs(jax.random.fold_in(rng, 1))
   scale = FLAGS.head_dim ** -0.5
-  cases = _cases(b_args, b_kw, base_args, scale)
+  cases = [c for c in _cases(b_args, b_kw, base_args, scale)
+           if not FLAGS.kernels or c[0] in FLAGS.kernels]
   refs = {name: jax.jit(ref)(*args) for name, _, args, ref in cases}
   q, k, v, _ = base_args
   cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
@@ -147,13 +159,17 @@ def main(argv):
     records[0]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
   print(records[-1], flush=True)
   combos = itertools.product(*(map(int, x) for x in (FLAGS.block_q, FLAGS.block_k,
-                                                     FLAGS.num_warps, FLAGS.num_stages)))
-  for bq, bk, warps, stages in combos:
+                                                     FLAGS.num_warps, FLAGS.num_stages,
+                                                     FLAGS.sample_groups)))
+  for bq, bk, warps, stages, groups in combos:
     tiles = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
     for name, make, args, _ in cases:
-      rec = {"kernel": name, **tiles}
+      if name != "blocked_bwd" and groups != int(FLAGS.sample_groups[0]):
+        continue  # the other kernels have no sample groups: time them once
+      kw = {**tiles, "sample_groups": groups} if name == "blocked_bwd" else tiles
+      rec = {"kernel": name, **kw}
       try:
-        jfn = jax.jit(make(tiles))
+        jfn = jax.jit(make(kw))
         got = jax.tree.leaves(jfn(*args))
         rec["max_abs_err_vs_xla"] = max(_max_err(a, b) for a, b in zip(got, jax.tree.leaves(
             refs[name])))
