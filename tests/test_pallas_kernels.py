@@ -14,6 +14,7 @@ from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.exact import flash_attention
+from hyperattn_jax.merge import merge_attention
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
                             flash_attention_bwd_pallas, flash_attention_pallas)
@@ -192,6 +193,33 @@ def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
   grads = flash_attention_bwd_pallas(q, k, v, mask, out, lse, d_out, d_lse, causal, 0.2,
                                      block_q=16, block_k=32)
   _assert_grads_close(grads, vjp((d_out, d_lse)), tol)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_exact_merged_into_prior_matches_composition(seed, implementation):
+  """flash_attention(prior=...) == merge_attention(prior, exact attention), and its VJP (from
+  the merged statistics) == autodiff of that composition, for out and lse cotangents;
+  ``lse_cotangent=False`` == a zero lse cotangent. Includes prior rows that are empty (-inf) and
+  rows empty in both parts (batch 1, causal rows 0..9 have no valid key)."""
+  q, k, v, mask = _inputs_77(seed, jnp.float32)
+  ks = jax.random.split(jax.random.key(seed + 3), 2)
+  prior = (jax.random.normal(ks[0], q.shape),
+           (jax.random.normal(ks[1], (2, 6, 77)) + 2.0).at[:, :, :5].set(-jnp.inf))
+  fused = lambda cot_lse: lambda q, k, v, po, pl: flash_attention(
+      q, k, v, mask, (po, pl), True, 0.2, 32, implementation, cot_lse)
+  composed = lambda q, k, v, po, pl: merge_attention(
+      po, pl, *flash_attention(q, k, v, mask, None, True, 0.2, 32, "xla"))
+  args = (q, k, v) + prior
+  (out, lse), vjp = jax.vjp(fused(True), *args)
+  (ref_out, ref_lse), vjp_ref = jax.vjp(composed, *args)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5)
+  np.testing.assert_allclose(lse, ref_lse, atol=2e-5)
+  assert np.all(np.isneginf(np.asarray(lse[1, :, :5])))
+  d_out, d_lse = _cotangents(seed, out, lse)
+  for got, want in ((vjp((d_out, d_lse)), vjp_ref((d_out, d_lse))),
+                    (jax.vjp(fused(False), *args)[1]((d_out, d_lse)),
+                     vjp_ref((d_out, jnp.zeros_like(d_lse))))):
+    _assert_grads_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
