@@ -162,15 +162,16 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
 
 def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   """Forward and backward times of HyperAttention's stages (the functions of ``hyper.py``):
-  hash (once per call, also for all causal levels), sort (permutations) + samples, the blocked stage (reading rows by index, writing them
-  back unsorted); causal adds the base case and each level's merge. Backward =
-  jit(forward+backward) - jit(forward), per stage. For Pallas, also the blocked kernels on rows
-  by index vs. on sorted copies gathered (and scattered back) by XLA: forward and backward
-  calls timed on their own."""
+  hash (once per call, also for all causal levels), sort (permutations) + samples, the blocked
+  stage (reading rows by index, writing them back unsorted); causal adds the base case (by each
+  kernel that can run it) and each level's merge. Backward = jit(forward+backward) -
+  jit(forward), per stage. For Pallas, optionally the blocked kernels on rows by index vs. on
+  sorted copies gathered (and scattered back) by XLA: forward and backward calls timed alone."""
   scale = FLAGS.head_dim ** -0.5
 
   proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
-  hash_fn = lambda q, k, proj: hyper_lib._sort_keys(q, k, None, proj)  # pylint: disable=protected-access
+  hash_fn = lambda q, k, proj: hyper_lib._sort_keys(  # pylint: disable=protected-access
+      q, k, None, proj)
   hashed = {"hash": _fwd_bwd_ms(hash_fn, (q, k, proj), 0)}  # once per call, for every level
   q_code, k_code = jax.jit(hash_fn)(q, k, proj)
 
@@ -185,8 +186,9 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     qc, kc = codes
 
     def sort_sample(kk, vv, qc, kc):
-      q_perm = hyper_lib._perm(qc, nb * qb, config.lsh_num_projs)  # pylint: disable=protected-access
-      k_perm = hyper_lib._perm(kc, nb * bs, config.lsh_num_projs)  # pylint: disable=protected-access
+      perm = hyper_lib._perm  # pylint: disable=protected-access
+      q_perm = perm(qc, nb * qb, config.lsh_num_projs)
+      k_perm = perm(kc, nb * bs, config.lsh_num_projs)
       pos, lw = lsh.draw_samples(rng, "uniform", jnp.zeros((b, kh, nb * bs, 1)), n_valid, m)
       samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
       take = lambda x: blocked_lib.grouped_rows(x, samp_rows, window.k_offset)[:, :, 0]
