@@ -7,7 +7,8 @@ the probabilities from the saved log-sum-exp, so the residuals are ``q, k, v, ou
 ``flash_attention`` takes the public layout ``[batch, seq, heads, head_dim]``; the loops work in
 the internal layout (heads-major, grouped for GQA):
   q ``[batch, kv_heads, group, q_len, head_dim]``, k/v ``[batch, kv_heads, kv_len, head_dim]``,
-  key_mask ``[batch, kv_len]`` bool, out like q, lse ``[batch, kv_heads, group, q_len]`` float32.
+  key_mask ``[batch, kv_len]`` bool, out like q, lse ``[batch, kv_heads, group, q_len]`` float32
+  (float64 for float64 inputs, as every accumulation).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def _acc(dtype):
+  """Accumulation dtype: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   pad = size - x.shape[axis]
   if pad == 0:
@@ -47,7 +53,7 @@ def _num_key_chunks(i, q_chunk: int, k_chunk: int, nk: int, causal: bool):
 
 def _chunk_scores(qi, kj, mask_j, qpos, kpos, scale, causal):
   """Masked fp32 scores ``[b, k, g, q_chunk, k_chunk]`` of one (query, key) chunk pair."""
-  s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=_acc(qi.dtype)) * scale
   valid = mask_j[:, None, None, None, :]
   if causal:
     valid = valid & (qpos[:, None] >= kpos[None, :])
@@ -68,6 +74,7 @@ def _split(q, k, v, key_mask, chunk):
 
 def _forward(q, k, v, key_mask, causal, scale, chunk):
   b, kh, g, tq, h = q.shape
+  acc_t = _acc(q.dtype)
   q_p, k_p, v_p, mask_p, qc, kc, nq, nk = _split(q, k, v, key_mask, chunk)
 
   def one_query_chunk(i):
@@ -86,12 +93,12 @@ def _forward(q, k, v, key_mask, causal, scale, chunk):
       alpha = jnp.exp(m - m_safe)
       l = l * alpha + p.sum(-1)
       pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), vj,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=acc_t)
       return m_new, l, acc * alpha[..., None] + pv
 
-    init = (jnp.full((b, kh, g, qc), _NEG_INF, jnp.float32),
-            jnp.zeros((b, kh, g, qc), jnp.float32),
-            jnp.zeros((b, kh, g, qc, h), jnp.float32))
+    init = (jnp.full((b, kh, g, qc), _NEG_INF, acc_t),
+            jnp.zeros((b, kh, g, qc), acc_t),
+            jnp.zeros((b, kh, g, qc, h), acc_t))
     m, l, acc = lax.fori_loop(0, _num_key_chunks(i, qc, kc, nk, causal), body, init)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG_INF)
@@ -105,15 +112,16 @@ def _forward(q, k, v, key_mask, causal, scale, chunk):
 
 def _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk):
   tk = k.shape[2]
+  acc_t = _acc(q.dtype)
   # D_i = sum_h dO_ih O_ih; the score gradient is P * (dP - D + dlse).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = jnp.sum(d_out.astype(acc_t) * out.astype(acc_t), axis=-1)
   q_p, k_p, v_p, mask_p, qc, kc, nq, nk = _split(q, k, v, key_mask, chunk)
   tq_p = nq * qc
   # Rows without any valid key have lse = -inf and must get p = 0: use +inf there.
   lse_p = _pad_axis(jnp.where(lse == _NEG_INF, jnp.inf, lse), 3, tq_p, jnp.inf)
   do_p = _pad_axis(d_out, 3, tq_p)
   delta_p = _pad_axis(delta, 3, tq_p)
-  dlse_p = _pad_axis(d_lse.astype(jnp.float32), 3, tq_p)
+  dlse_p = _pad_axis(d_lse.astype(acc_t), 3, tq_p)
 
   def one_query_chunk(carry, i):
     dk, dv = carry
@@ -128,23 +136,23 @@ def _backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk):
       mask_j = lax.dynamic_slice_in_dim(mask_p, j * kc, kc, axis=1)
       s = _chunk_scores(qi, kj, mask_j, qpos, j * kc + jnp.arange(kc), scale, causal)
       p = jnp.exp(s - lse_i[..., None])
-      dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=acc_t)
       ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
       dqi = dqi + jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(k.dtype), kj,
-                             preferred_element_type=jnp.float32) * scale
+                             preferred_element_type=acc_t) * scale
       dk_j = jnp.einsum("bkgqs,bkgqh->bksh", ds.astype(q.dtype), qi,
-                        preferred_element_type=jnp.float32) * scale
+                        preferred_element_type=acc_t) * scale
       dv_j = jnp.einsum("bkgqs,bkgqh->bksh", p.astype(d_out.dtype), doi,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=acc_t)
       add = lambda acc, x: lax.dynamic_update_slice_in_dim(
           acc, lax.dynamic_slice_in_dim(acc, j * kc, kc, axis=2) + x, j * kc, axis=2)
       return dqi, add(dk, dk_j), add(dv, dv_j)
 
-    dqi = jnp.zeros(qi.shape, jnp.float32)
+    dqi = jnp.zeros(qi.shape, acc_t)
     dqi, dk, dv = lax.fori_loop(0, _num_key_chunks(i, qc, kc, nk, causal), body, (dqi, dk, dv))
     return (dk, dv), dqi
 
-  zeros_kv = jnp.zeros(k_p.shape, jnp.float32)
+  zeros_kv = jnp.zeros(k_p.shape, acc_t)
   (dk, dv), dqs = lax.scan(one_query_chunk, (zeros_kv, zeros_kv), jnp.arange(nq))
   dq = jnp.moveaxis(dqs, 0, 3).reshape(q_p.shape)[:, :, :, :q.shape[3]]
   return dq.astype(q.dtype), dk[:, :, :tk].astype(k.dtype), dv[:, :, :tk].astype(v.dtype)
@@ -255,10 +263,10 @@ def _vjp_bwd(causal, scale, chunk, implementation, lse_cotangent, res, cotangent
     prior_out, prior_lse = prior
     w = _merge_weights(prior_lse, lse)                                      # [B, N, T]
     rows = lambda x: jnp.swapaxes(x, 1, 2)[..., None]
-    d_prior_out = (d_out.astype(jnp.float32) * rows(w)).astype(prior_out.dtype)
-    spread = jnp.sum(d_out.astype(jnp.float32) *
-                     (prior_out.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1)
-    d_lse_f = d_lse.astype(jnp.float32) if lse_cotangent else 0.0
+    acc = _acc(out.dtype)
+    d_prior_out = (d_out.astype(acc) * rows(w)).astype(prior_out.dtype)
+    spread = jnp.sum(d_out.astype(acc) * (prior_out.astype(acc) - out.astype(acc)), axis=-1)
+    d_lse_f = d_lse.astype(acc) if lse_cotangent else 0.0
     d_prior = (d_prior_out, w * (jnp.swapaxes(spread, 1, 2) + d_lse_f))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_prior
 

@@ -112,7 +112,8 @@ def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
   def chunk_lse(i):
     k_c = jax.lax.dynamic_slice_in_dim(ks_p, i * c, c, axis=2)
     pos = i * c + jnp.arange(c)
-    s = jnp.einsum("bkgrh,bkch->bkgrc", q_r, k_c, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkgrh,bkch->bkgrc", q_r, k_c,
+                   preferred_element_type=jnp.promote_types(q_r.dtype, jnp.float32)) * scale
     keep = (pos < n_valid[:, None, None, None, None]) & (pos // block_size != own)
     return jax.nn.logsumexp(jnp.where(keep, s, _NEG_INF), axis=-1)
 
@@ -145,7 +146,7 @@ def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAtte
   floor = jnp.logaddexp(lse_heavy, (log_tau - jnp.log(config.approx_d_kappa)).reshape(b, -1, 1))
   lse_d = jnp.maximum(lse, floor)
   rescale = jnp.where(lse == _NEG_INF, 0.0, jnp.exp(lse - lse_d))
-  out = out.astype(jnp.float32) * jnp.swapaxes(rescale, 1, 2)[..., None]
+  out = out.astype(rescale.dtype) * jnp.swapaxes(rescale, 1, 2)[..., None]
   return out.astype(q.dtype), lse_d
 
 
@@ -243,7 +244,7 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched,
   # each merged into the running (out, lse) of its query rows.
   out = jnp.zeros(q.shape, q.dtype)
-  lse = jnp.full((b, nq, tp), _NEG_INF, jnp.float32)
+  lse = jnp.full((b, nq, tp), _NEG_INF, jnp.promote_types(q.dtype, jnp.float32))
   for d in range(levels):
     parts = 2 ** d
     half = tp // (2 * parts)

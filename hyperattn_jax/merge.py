@@ -26,5 +26,6 @@ def merge_attention(out1, lse1, out2, lse2):
   lse = jnp.where(has, top + jnp.log(total_safe), _NEG_INF)
   w1, w2 = e1 / total_safe, e2 / total_safe
   to_rows = lambda w: jnp.swapaxes(w, -1, -2)[..., None]
-  out = out1.astype(jnp.float32) * to_rows(w1) + out2.astype(jnp.float32) * to_rows(w2)
+  acc = jnp.promote_types(out1.dtype, jnp.float32)  # float64 stays float64
+  out = out1.astype(acc) * to_rows(w1) + out2.astype(acc) * to_rows(w2)
   return out.astype(out1.dtype), lse

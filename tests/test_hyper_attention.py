@@ -266,3 +266,20 @@ def test_gradients_finite_with_huge_scores_and_zero_for_masked_keys(seed, causal
   for g in grads[1:]:
     assert np.all(np.asarray(g[1, 97:]) == 0)
     assert np.any(np.asarray(g[1, :97]) != 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_check_grads_of_the_full_function(seed, causal):
+  """Finite differences (float64, modes "rev") of hyper_attention's out and lse: GQA, odd
+  length, 2 causal levels. The hash buckets and samples are fixed by the key; the tiny step
+  keeps every LSH code unchanged under the perturbation (finite differences of a bucket flip
+  would be meaningless)."""
+  from jax.test_util import check_grads  # pylint: disable=import-outside-toplevel
+  with jax.enable_x64(True):
+    q, k, v = (x.astype(jnp.float64) for x in make_qkv(seed, 1, 173, 173, 4, 2, 8))
+    f = lambda q, k, v: hyper_attention(q, k, v, rng=jax.random.key(seed), causal=causal,
+                                        config=SMALL, return_lse=True)
+    out, lse = f(q, k, v)
+    assert out.dtype == jnp.float64 and lse.dtype == jnp.float64
+    check_grads(f, (q, k, v), order=1, modes=("rev",), eps=1e-7, atol=1e-6, rtol=1e-6)
+
