@@ -1,8 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hyperattn_jax import lsh
+from hyperattn_jax.hyper import _perm  # pylint: disable=protected-access
 
 
 def test_gray_neighbours_differ_in_one_bit():
@@ -58,3 +60,14 @@ def test_samples_cover_only_valid_positions(seed):
   pos = np.asarray(lsh.draw_sample_positions(jax.random.key(seed), n_valid, 2, 4000))
   assert pos[0].max() < 5 and pos[0].min() >= 0 and len(np.unique(pos[0])) == 5
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
+
+
+@pytest.mark.parametrize("num_projs", [3, 29])  # packed one-key sort / (key, row) argsort
+def test_perm_is_the_stable_sort_with_padding_last(seed, num_projs):
+  rng = np.random.default_rng(seed)
+  code = rng.integers(0, 2 ** num_projs + 1, size=(2, 3, 50)).astype(np.int32)
+  code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
+  perm = np.asarray(_perm(jnp.asarray(code), 64, num_projs))
+  want = np.argsort(code, axis=-1, kind="stable")
+  np.testing.assert_array_equal(perm[..., :50], want)
+  assert np.all(perm[..., 50:] == -1)
