@@ -1,8 +1,11 @@
-"""Memory-safe exact attention in plain JAX: chunked online softmax with a flash-style VJP.
+"""Memory-safe exact attention with LSE and a flash-style VJP, optionally merged into a prior.
 
-No ``n x n`` matrix is ever materialised: queries are processed ``chunk`` rows at a time and
-keys ``chunk`` columns at a time (fully masked causal chunks are skipped). The VJP recomputes
-the probabilities from the saved log-sum-exp, so the residuals are ``q, k, v, out, lse`` only.
+``flash_attention`` runs one of three kernels: the chunked online softmax in plain JAX here
+(no ``n x n`` matrix is ever materialised: queries are processed ``chunk`` rows at a time and
+keys ``chunk`` columns at a time, fully masked causal chunks skipped), the Pallas flash kernels,
+or cuDNN (``cudnn.py``). Given a ``prior`` (out, lse) over other keys it returns their merge, and
+its VJP recomputes the probabilities from the *merged* log-sum-exp, so the residuals are ``q, k,
+v, out, lse`` (and the prior) only.
 
 ``flash_attention`` takes the public layout ``[batch, seq, heads, head_dim]``; the loops work in
 the internal layout (heads-major, grouped for GQA):
