@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hyperattn_jax.merge import merge_attention
+from hyperattn_jax.merge import merge_attention, prior_cotangents
 
 __all__ = ["flash_attention", "grouped_q"]
 
@@ -213,12 +213,6 @@ def _ones_mask(k):
   return jnp.ones(k.shape[:2], jnp.bool_)
 
 
-def _merge_weights(part_lse, lse):
-  """``exp(part_lse - lse)`` (0 where either is -inf): a part's share of the merged rows."""
-  finite = (part_lse > _NEG_INF) & (lse > _NEG_INF)
-  return jnp.where(finite, jnp.exp(jnp.where(finite, part_lse - lse, 0.0)), 0.0)
-
-
 def _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation):
   out, lse = _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
   if prior is None:
@@ -258,19 +252,10 @@ def _vjp_fwd(q, k, v, key_mask, prior, causal, scale, chunk, implementation, lse
 def _vjp_bwd(causal, scale, chunk, implementation, lse_cotangent, res, cotangents):
   q, k, v, key_mask, prior, out, lse = res
   d_out, d_lse = cotangents
-  dq, dk, dv = _kernel_backward(q, k, v, key_mask, out, lse, d_out,
-                                d_lse if lse_cotangent else None, causal, scale, chunk,
+  d_lse = d_lse if lse_cotangent else None
+  dq, dk, dv = _kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
                                 implementation)
-  d_prior = None
-  if prior is not None:
-    prior_out, prior_lse = prior
-    w = _merge_weights(prior_lse, lse)                                      # [B, N, T]
-    rows = lambda x: jnp.swapaxes(x, 1, 2)[..., None]
-    acc = _acc(out.dtype)
-    d_prior_out = (d_out.astype(acc) * rows(w)).astype(prior_out.dtype)
-    spread = jnp.sum(d_out.astype(acc) * (prior_out.astype(acc) - out.astype(acc)), axis=-1)
-    d_lse_f = d_lse.astype(acc) if lse_cotangent else 0.0
-    d_prior = (d_prior_out, w * (jnp.swapaxes(spread, 1, 2) + d_lse_f))
+  d_prior = None if prior is None else prior_cotangents(*prior, out, lse, d_out, d_lse)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_prior
 
 

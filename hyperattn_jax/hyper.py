@@ -150,6 +150,11 @@ def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAtte
   return out.astype(q.dtype), lse_d
 
 
+def _rng_streams(rng):
+  """The keys of one approximation: (LSH hyperplanes, samples, ApproxD rows)."""
+  return jax.random.split(rng, 3)
+
+
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
                      implementation, window: RowWindow | None = None, codes=None):
   """Approximate attention of the window's queries over the window's keys.
@@ -169,7 +174,7 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
   qb = _cdiv(tq, nb)
 
   # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
-  proj_rng, sample_rng, rows_rng = jax.random.split(rng, 3)
+  proj_rng, sample_rng, rows_rng = _rng_streams(rng)
   n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
              else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
 
@@ -221,11 +226,11 @@ def level_codes(q_code, k_code, parts: int):
   """The sort keys of level ``log2(parts)``'s quadrants, from those of the whole sequence (q
   ``[B, Nkv, G, T]``, k ``[B, Nkv, T]``): second-half queries and first-half keys of each of
   the ``parts`` pairs, pairs folded into the batch (``[B * parts, ..., T / (2 parts)]``)."""
-  def pair_halves(c):
-    t = c.shape[-1]
-    c = jnp.moveaxis(c.reshape(c.shape[:-1] + (parts, 2, t // (2 * parts))), -3, 1)
-    return c.reshape((c.shape[0] * parts,) + c.shape[2:])          # [B * parts, ..., 2, half]
-  return pair_halves(q_code)[..., 1, :], pair_halves(k_code)[..., 0, :]
+  def fold_parts(c):  # [B, ..., parts, half] -> [B * parts, ..., half]
+    c = jnp.moveaxis(c, -2, 1)
+    return c.reshape((c.shape[0] * parts,) + c.shape[2:])
+  return (fold_parts(_split_halves(q_code, parts, q_code.ndim - 1)[1]),
+          fold_parts(_split_halves(k_code, parts, k_code.ndim - 1)[0]))
 
 
 def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
@@ -237,8 +242,7 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   level_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
 
   # Every query and key is hashed once, with one set of hyperplanes for all levels.
-  projections = lsh.draw_projections(jax.random.split(rng, 3)[0], k.shape[2], h,
-                                     config.lsh_num_projs)
+  projections = lsh.draw_projections(_rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
   q_code, k_code = _sort_keys(q, k, level_mask, projections)
 
   # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["merge_attention"]
+__all__ = ["merge_attention", "prior_cotangents"]
 
 _NEG_INF = float("-inf")
 
@@ -29,3 +29,23 @@ def merge_attention(out1, lse1, out2, lse2):
   acc = jnp.promote_types(out1.dtype, jnp.float32)  # float64 stays float64
   out = out1.astype(acc) * to_rows(w1) + out2.astype(acc) * to_rows(w2)
   return out.astype(out1.dtype), lse
+
+
+def prior_cotangents(prior_out, prior_lse, out, lse, d_out, d_lse):
+  """Cotangents of one part of a merge, from the merged result: with the part's share
+  ``w = exp(prior_lse - lse)`` (0 on rows where either is -inf), ``d prior_out = w dO`` and
+  ``d prior_lse = w (dO . (prior_out - out) + dlse)``. ``d_lse`` may be None (no cotangent).
+
+  Shapes as :func:`merge_attention` (out ``[..., T, N, H]``, lse ``[..., N, T]``).
+  """
+  acc = jnp.promote_types(out.dtype, jnp.float32)
+  finite = (prior_lse > _NEG_INF) & (lse > _NEG_INF)
+  w = jnp.where(finite, jnp.exp(jnp.where(finite, prior_lse - lse, 0.0)), 0.0)
+  to_rows = lambda x: jnp.swapaxes(x, -1, -2)[..., None]
+  d_prior_out = (d_out.astype(acc) * to_rows(w)).astype(prior_out.dtype)
+  spread = jnp.sum(d_out.astype(acc) * (prior_out.astype(acc) - out.astype(acc)), axis=-1)
+  d_prior_lse = jnp.swapaxes(spread, -1, -2)
+  if d_lse is not None:
+    d_prior_lse = d_prior_lse + d_lse.astype(acc)
+  return d_prior_out, w * d_prior_lse
+
