@@ -41,6 +41,7 @@ from hyperattn_jax import cudnn as cudnn_lib  # noqa: E402
 from hyperattn_jax import exact as exact_lib  # noqa: E402
 from hyperattn_jax import hyper as hyper_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
+from hyperattn_jax import merge as merge_lib  # noqa: E402
 from hyperattn_jax.blocked import RowWindow  # noqa: E402
 from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
 import pallas_kernels  # noqa: E402
@@ -217,7 +218,13 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
         try:
           out, lse = fwd(*args)
           res[name]["fwd_ms"] = _median_ms(fwd, *args)[0]
-          res[name]["bwd_ms"] = _median_ms(bwd, *args, out, lse, out, jnp.zeros_like(lse))[0]
+          def in_q_rows(x, axis):  # the window's rows placed in q's rows
+            after = qq.shape[1] - window.q_offset - x.shape[axis]
+            return jnp.pad(x, [(0, 0)] * axis + [(window.q_offset, after)] +
+                           [(0, 0)] * (x.ndim - axis - 1))
+          stats = (in_q_rows(out, 1), in_q_rows(lse, 2),  # d_out = out, no d_lse
+                   in_q_rows(merge_lib.output_delta(out, out), 2))
+          res[name]["bwd_ms"] = _median_ms(bwd, *args, *stats)[0]
         except Exception as e:  # pylint: disable=broad-except
           res[name]["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
@@ -236,7 +243,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   result = {**hashed, "levels": []}
   for kernel in kernels:
     base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
-        q, k, v, None, None, True, scale, config.exact_chunk_size, kernel, False)
+        q, k, v, None, True, scale, config.exact_chunk_size, kernel, False)
     result[f"base_case_{kernel}"] = _fwd_bwd_ms(base_fn, folded, 3)
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
@@ -245,7 +252,9 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
                              hyper_lib.level_codes(q_code, k_code, parts))
     lse = jnp.zeros((b * parts, nq, half), jnp.float32)
     qd = pairs(q)[:, half:]
-    level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 4)
+    # Forward only: the recursion's VJP starts every part from the final (out, lse), so no
+    # merge is differentiated.
+    level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
     result["levels"].append(level)
   return result
 

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from hyperattn_jax import blocked as blocked_lib  # noqa: E402
 from hyperattn_jax import exact as exact_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
+from hyperattn_jax import merge as merge_lib  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -109,27 +110,27 @@ def _cases(b_args, b_kw, base_args, scale):
     return blocked_lib._forward(  # pylint: disable=protected-access
         q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
         b_kw["block_size"], b_kw["window"], "xla")
-  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, None, True, scale, 512,
-                                                          "xla")
+  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
   if FLAGS.phase == "fwd":
     return (("blocked", lambda t: lambda *a: pallas_kernels.blocked_attention_pallas(
                  *a, **b_kw, **t), b_args, xla_blocked),
             ("base_case", lambda t: lambda q, k, v, m: pallas_kernels.flash_attention_pallas(
                  q, k, v, m, True, scale, **t), base_args, xla_base))
   out, lse = jax.jit(xla_blocked)(*b_args)
-  cot = (out, jnp.zeros_like(lse))
+  # Cotangents: d_out = out, no lse cotangent (the window is every row: stats in q's rows).
+  stats = (out, lse, merge_lib.output_delta(out, out))
 
-  def ref_b(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, out, lse, d_out, d_lse):
-    del out, lse
+  def ref_b(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, d_out, lse, delta):
+    del delta
     fwd = lambda q, k, v: xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w)
-    return jax.vjp(fwd, q, k, v)[1]((d_out, d_lse))
+    return jax.vjp(fwd, q, k, v)[1]((d_out, jnp.zeros_like(lse)))
 
   def ref_base(q, k, v, m, out, lse, d_out, d_lse):
     del out, lse
     return jax.vjp(lambda q, k, v: xla_base(q, k, v, m), q, k, v)[1]((d_out, d_lse))
   b_out, b_lse = jax.jit(xla_base)(*base_args)
   return (("blocked_bwd", lambda t: lambda *a: pallas_kernels.blocked_attention_bwd_pallas(
-               *a, **b_kw, **t)[:3], b_args + (out, lse) + cot, ref_b),
+               *a, **b_kw, **t)[:3], b_args + stats, ref_b),
           ("base_case_bwd", lambda t: lambda *a: pallas_kernels.flash_attention_bwd_pallas(
                *a, True, scale, **t), base_args + (b_out, b_lse, b_out, jnp.zeros_like(b_lse)),
            ref_base))

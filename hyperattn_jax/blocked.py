@@ -29,7 +29,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["RowWindow", "blocked_attention", "blocked_attention_xla", "softmax_out_lse",
+from hyperattn_jax.merge import output_delta, part_cotangents
+
+__all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_xla",
+           "softmax_out_lse",
            "grouped_rows", "sorted_rows", "unsort_rows", "unsort_stats"]
 
 _NEG_INF = float("-inf")
@@ -96,9 +99,11 @@ def _blocks_per_chunk(num_blocks: int, elements_per_block: int) -> int:
   return max(c for c in range(1, min(num_blocks, limit) + 1) if num_blocks % c == 0)
 
 
-def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_out, d_lse, *,
-                   scale, block_size):
-  """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan).
+def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_out, lse, delta,
+                   *, scale, block_size):
+  """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan), from
+  the statistics ``lse``, ``delta`` ``[b, k, g, tq]`` of the merged result that contains the
+  stage (its own, or a merge with other parts; ``merge.part_cotangents``).
 
   Blocks are independent except for the shared samples, whose gradients are summed over the
   chunks in float32; peak memory is one chunk's score matrix (``_BWD_CHUNK_ELEMENTS``).
@@ -113,21 +118,21 @@ def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_
   unchunk = lambda x, axis, n: jnp.moveaxis(x, 0, axis).reshape(x.shape[1:axis + 1] + (n, h))
 
   def body(acc, xs):
-    i, q_c, k_c, v_c, do_c, dl_c = xs
+    i, q_c, k_c, v_c, do_c, lse_c, delta_c = xs
     offset = i * c * block_size  # positions relative to the chunk's first key
     stage = lambda q, k, v, k_s, v_s, w: blocked_attention_xla(
         q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, w, scale=scale,
         block_size=block_size)
-    _, vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight)
-    dq, dk, dv, *d_samples = vjp((do_c, dl_c))
+    (o_c, l_c), vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight)
+    dq, dk, dv, *d_samples = vjp(part_cotangents(o_c, l_c, lse_c, delta_c, do_c))
     acc = tuple(a + d.astype(jnp.float32) for a, d in zip(acc, d_samples))
     return acc, (dq, dk, dv)
 
   zeros = (jnp.zeros(k_samp.shape, jnp.float32), jnp.zeros(v_samp.shape, jnp.float32),
            jnp.zeros(log_weight.shape, jnp.float32))
   (dks, dvs, dw), (dq, dk, dv) = jax.lax.scan(
-      body, zeros,
-      (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out), chunk_q(d_lse)))
+      body, zeros, (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out),
+                    chunk_q(lse), chunk_q(delta)))
   dq = unchunk(dq, 3, tq)
   dk, dv = unchunk(dk, 2, nb * block_size), unchunk(dv, 2, nb * block_size)
   return dq, dk, dv, dks, dvs, dw
@@ -204,7 +209,8 @@ def _sorted_inputs(q, k, v, q_perm, k_perm, window):
 
 
 def _embed(d, window_offset, rows):
-  """Gradient of a window ``[P, len, ...]`` placed in the full ``[P, rows, ...]`` (zeros)."""
+  """A window's rows ``[P, len, ...]`` placed at ``window_offset`` of ``[P, rows, ...]`` (zeros
+  elsewhere; no copy when the window is every row)."""
   after = rows - window_offset - d.shape[1]
   return jnp.pad(d, ((0, 0), (window_offset, after)) + ((0, 0),) * (d.ndim - 2))
 
@@ -223,6 +229,34 @@ def _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_wei
           unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2))
 
 
+def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                          d_out, lse, delta, scale: float, block_size: int, window: RowWindow,
+                          implementation: str):
+  """The stage's share of the gradient of a merged result that contains it as a part.
+
+  Arguments as :func:`blocked_attention`, plus the merged result's ``d_out`` ``[P, Rq, N, H]``
+  and its statistics ``lse``, ``delta = rowsum(dO * O) - dlse`` ``[P, N, Rq]`` (``merge.py``),
+  all in q's rows (the window's queries at ``window.q_offset``; no slice is copied). Returns
+  dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows, float32 or the
+  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight.
+  """
+  if implementation == "pallas":
+    from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
+    return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
+                                        n_valid, log_weight, d_out, lse, delta, scale=scale,
+                                        block_size=block_size, window=window)
+  qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
+  stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
+  dq, dk, dv, dks, dvs, dw = _recompute_bwd(
+      qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+      grouped_rows(d_out, q_perm, window.q_offset), stats(lse), stats(delta), scale=scale,
+      block_size=block_size)
+  kp = k_perm[:, :, None]
+  return (unsort_rows(_public(dq), q_perm, window.q_len),
+          unsort_rows(_public(dk[:, :, None]), kp, window.k_len),
+          unsort_rows(_public(dv[:, :, None]), kp, window.k_len), dks, dvs, dw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                       scale: float, block_size: int, window: RowWindow, implementation: str):
@@ -238,10 +272,11 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
   Returns:
     out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` float32, unsorted.
 
-  The VJP differentiates q, k, v, the samples and their log-weights, for cotangents of both
-  ``out`` and ``lse``; no ``n x (block_size + sample_size)`` matrix is kept between the passes.
-  ``"pallas"`` saves (out, lse) and runs the Pallas backward kernels; ``"xla"`` saves only the
-  inputs and recomputes the stage chunk by chunk of blocks (the autodiff reference).
+  The VJP (:func:`blocked_attention_bwd` from the saved (out, lse)) differentiates q, k, v, the
+  samples and their log-weights, for cotangents of both ``out`` and ``lse``; no ``n x
+  (block_size + sample_size)`` matrix is kept between the passes. ``"pallas"`` runs the Pallas
+  backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
+  it by autodiff (the reference).
   """
   return _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
                   block_size, window, implementation)
@@ -249,30 +284,22 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
 
 def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
              block_size, window, implementation):
-  out = _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
-                 block_size, window, implementation)
-  saved = out if implementation == "pallas" else None
-  return out, (q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, saved)
+  out, lse = _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                      scale, block_size, window, implementation)
+  return (out, lse), (q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                      out, lse)
 
 
 def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
-  *inputs, saved = res
-  q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight = inputs
+  *inputs, out, lse = res
+  q, k, v, _, _, k_samp, v_samp, _, _, log_weight = inputs
   d_out, d_lse = cotangents
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    dq, dk, dv, dks, dvs, dw = blocked_attention_bwd_pallas(
-        *inputs, *saved, d_out, d_lse, scale=scale, block_size=block_size, window=window)
-  else:
-    qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
-    dq, dk, dv, dks, dvs, dw = _recompute_bwd(
-        qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-        grouped_rows(d_out, q_perm), grouped_rows(jnp.swapaxes(d_lse, 1, 2), q_perm),
-        scale=scale, block_size=block_size)
-    kp = k_perm[:, :, None]
-    dq = unsort_rows(_public(dq), q_perm, window.q_len)
-    dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
-    dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
+  in_q_rows = lambda x: _embed(x, window.q_offset, q.shape[1])            # window -> q's rows
+  stats_in_q_rows = lambda x: jnp.swapaxes(in_q_rows(jnp.swapaxes(x, 1, 2)), 1, 2)
+  dq, dk, dv, dks, dvs, dw = blocked_attention_bwd(
+      *inputs, in_q_rows(d_out), stats_in_q_rows(lse),
+      stats_in_q_rows(output_delta(out, d_out, d_lse)), scale, block_size, window,
+      implementation)
   cast = lambda d, x: d.astype(x.dtype)
   return (cast(_embed(dq, window.q_offset, q.shape[1]), q),
           cast(_embed(dk, window.k_offset, k.shape[1]), k),

@@ -1,11 +1,12 @@
-"""Memory-safe exact attention with LSE and a flash-style VJP, optionally merged into a prior.
+"""Memory-safe exact attention with LSE and a flash-style VJP.
 
 ``flash_attention`` runs one of three kernels: the chunked online softmax in plain JAX here
 (no ``n x n`` matrix is ever materialised: queries are processed ``chunk`` rows at a time and
 keys ``chunk`` columns at a time, fully masked causal chunks skipped), the Pallas flash kernels,
-or cuDNN (``cudnn.py``). Given a ``prior`` (out, lse) over other keys it returns their merge, and
-its VJP recomputes the probabilities from the *merged* log-sum-exp, so the residuals are ``q, k,
-v, out, lse`` (and the prior) only.
+or cuDNN (``cudnn.py``). Its VJP recomputes the probabilities from the saved log-sum-exp, so the
+residuals are ``q, k, v, out, lse`` only. ``kernel_forward`` / ``kernel_backward`` are the two
+passes on their own: the causal recursion (``hyper.py``) runs the backward from the statistics of
+the final merged result (``merge.py``).
 
 ``flash_attention`` takes the public layout ``[batch, seq, heads, head_dim]``; the loops work in
 the internal layout (heads-major, grouped for GQA):
@@ -22,9 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hyperattn_jax.merge import merge_attention, prior_cotangents
-
-__all__ = ["flash_attention", "grouped_q"]
+__all__ = ["flash_attention", "grouped_q", "kernel_forward", "kernel_backward"]
 
 _NEG_INF = float("-inf")
 
@@ -178,7 +177,7 @@ def _public(xg):
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
 
 
-def _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation):
+def kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation):
   """(out, lse) of exact attention by the chosen kernel; key_mask None: every key valid."""
   if implementation == "cudnn":
     from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
@@ -191,9 +190,12 @@ def _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation):
   return _public(out), _public(lse).swapaxes(1, 2)
 
 
-def _kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
+def kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
                      implementation):
-  """(dq, dk, dv) from a given ``(out, lse)`` and cotangents (``d_lse`` None: no cotangent)."""
+  """(dq, dk, dv) from a given ``(out, lse)`` and cotangents (``d_lse`` None: no cotangent).
+
+  Given the ``(out, lse)`` of a merge that contains this attention as a part, this is the part's
+  share of the merged result's gradient (see ``merge.py``)."""
   if implementation == "cudnn" and d_lse is None:
     from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
     return cudnn.attention_bwd(q, k, v, out, lse, d_out, causal, scale)
@@ -213,27 +215,15 @@ def _ones_mask(k):
   return jnp.ones(k.shape[:2], jnp.bool_)
 
 
-def _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation):
-  out, lse = _kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
-  if prior is None:
-    return out, lse
-  return merge_attention(prior[0], prior[1], out, lse)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def flash_attention(q, k, v, key_mask, prior, causal: bool, scale: float, chunk: int,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
                     implementation: str = "xla", lse_cotangent: bool = True):
-  """Exact attention with LSE in the public layout, optionally merged into a running result.
+  """Exact attention with LSE in the public layout.
 
   q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool or None (every key
   valid) -> out like q, lse ``[B, N, Tq]`` float32. Rows whose keys are all masked get
   ``out = 0`` and ``lse = -inf``. ``causal`` requires ``Tq == Tk`` (query ``i`` sees keys
   ``j <= i``).
-
-  ``prior``: None, or ``(out, lse)`` of attention of the same queries over *other* keys; the
-  result is then their log-sum-exp merge (the attention over the union of the key sets). The
-  backward starts from the merged ``(out, lse)`` (``dS = P * (dO . v - dO . O + dlse)`` with
-  ``P`` normalised by the merged lse), so the merge itself costs no backward pass.
 
   ``implementation``: ``"xla"`` (the chunked loops here, heads-major), ``"pallas"`` (the GPU
   kernels) or ``"cudnn"`` (cuDNN's fused kernels, see ``hyperattn_jax/cudnn.py``; key_mask
@@ -241,22 +231,21 @@ def flash_attention(q, k, v, key_mask, prior, causal: bool, scale: float, chunk:
   returned lse (it is dropped): the backward then ignores the lse cotangent, which lets the
   cuDNN backward run; otherwise ``"cudnn"`` differentiates with the Pallas backward kernels.
   """
-  return _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation)
+  return kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
 
 
-def _vjp_fwd(q, k, v, key_mask, prior, causal, scale, chunk, implementation, lse_cotangent):
-  out, lse = _forward_merged(q, k, v, key_mask, prior, causal, scale, chunk, implementation)
-  return (out, lse), (q, k, v, key_mask, prior, out, lse)
+def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation, lse_cotangent):
+  out, lse = kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
+  return (out, lse), (q, k, v, key_mask, out, lse)
 
 
 def _vjp_bwd(causal, scale, chunk, implementation, lse_cotangent, res, cotangents):
-  q, k, v, key_mask, prior, out, lse = res
+  q, k, v, key_mask, out, lse = res
   d_out, d_lse = cotangents
-  d_lse = d_lse if lse_cotangent else None
-  dq, dk, dv = _kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
-                                implementation)
-  d_prior = None if prior is None else prior_cotangents(*prior, out, lse, d_out, d_lse)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_prior
+  dq, dk, dv = kernel_backward(q, k, v, key_mask, out, lse, d_out,
+                               d_lse if lse_cotangent else None, causal, scale, chunk,
+                               implementation)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 flash_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -5,7 +5,7 @@ to end: the sort order is carried as permutations (local row indices), never as 
 of q/k/v; GQA without repeating K/V (query head ``kv * G + g`` uses kv head ``kv``).
 
 Non-causal (``_hyper_noncausal``):
-  0. draw the LSH hyperplanes and the samples from ``rng``;
+  0. draw the LSH hyperplanes and the samples from ``rng`` (``_plan``);
   1. sortLSH: hash q and k, stable-sort both by Gray rank of the bucket (invalid keys last):
      the permutations ``q_perm [B, Nkv, G, rows]``, ``k_perm [B, Nkv, keys]``;
   2+3. blocked stage: the i-th sorted query block attends to the i-th sorted key block and to
@@ -16,14 +16,16 @@ Causal (``_hyper_causal``): every query and key is hashed once (one set of hyper
 recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of the same
 arrays), through the non-causal algorithm, merged into the running (out, lse) by log-sum-exp;
 last, exact causal attention on the ``2**L`` diagonal base blocks (one batched call: cuDNN on
-GPU where it can run it, else the Pallas/XLA flash loops), merged inside that call so that its
-backward starts from the final (out, lse).
+GPU where it can run it, else the Pallas/XLA flash loops), merged in too. One custom VJP covers
+the whole recursion: every part's backward starts from the final (out, lse) (``merge.py``), so
+neither the parts' own results nor the merges are kept for it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +33,10 @@ import jax.numpy as jnp
 from hyperattn_jax import checks
 from hyperattn_jax import cudnn
 from hyperattn_jax import lsh
-from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
+from hyperattn_jax.blocked import RowWindow, blocked_attention, blocked_attention_bwd, grouped_rows
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.exact import flash_attention, grouped_q
-from hyperattn_jax.merge import merge_attention
+from hyperattn_jax.exact import flash_attention, grouped_q, kernel_backward, kernel_forward
+from hyperattn_jax.merge import merge_attention, output_delta, part_cotangents
 
 __all__ = ["hyper_attention", "exact_attention", "merge_attention"]
 
@@ -49,20 +51,35 @@ def _cdiv(a: int, b: int) -> int:
 # Exact attention (base case of the recursion and the exact baseline)
 
 
-def _exact(q, k, v, key_mask, causal, scale, config, implementation, prior=None,
-           lse_cotangent=True):
-  """Exact attention in the public layout (merged into ``prior`` when given); returns (out,
-  lse) with lse ``[B, N, T]``. On GPU ("pallas") it runs on cuDNN's fused kernels where cuDNN
-  can (no key mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
+def _exact_implementation(q, key_mask, implementation):
+  """The exact kernel to run: on GPU ("pallas") cuDNN's fused kernels where cuDNN can (no key
+  mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
   ``experiments/bench_attention.py``)."""
   if implementation == "pallas" and cudnn.available(q, key_mask):
-    implementation = "cudnn"
-  return flash_attention(q, k, v, key_mask, prior, causal, scale, config.exact_chunk_size,
-                         implementation, lse_cotangent)
+    return "cudnn"
+  return implementation
+
+
+def _exact(q, k, v, key_mask, causal, scale, config, implementation, lse_cotangent=True):
+  """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
+  return flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
+                         _exact_implementation(q, key_mask, implementation), lse_cotangent)
 
 
 # ----------------------------------------------------------------------------------------------
 # Non-causal HyperAttention
+
+
+class _Plan(NamedTuple):
+  """One approximation's sort orders and draws (int arrays: fixed under differentiation), and
+  the samples' log-weights (differentiable in v for the ``"value_norm"`` sampler)."""
+  q_perm: jax.Array      # [P, Nkv, G, nb * qb] local query rows in sorted order (-1: padding)
+  k_perm: jax.Array      # [P, Nkv, nb * block_size] local key rows in sorted order
+  samp_rows: jax.Array   # [P, Nkv, m] local key rows of the samples
+  samp_pos: jax.Array    # [P, Nkv, m] their sorted positions
+  n_valid: jax.Array     # [P] valid keys
+  log_weight: jax.Array  # [P, Nkv, m] float32
+  tau_rows: jax.Array | None  # [P, Nkv, approx_d_rows] ApproxD's sorted query rows, or None
 
 
 def _sort_keys(q, k, key_mask, projections):
@@ -97,6 +114,55 @@ def _perm(code, rows: int, num_projs: int):
   return jnp.where(perm < n, perm, -1)
 
 
+def _rng_streams(rng):
+  """The keys of one approximation: (LSH hyperplanes, samples, ApproxD rows)."""
+  return jax.random.split(rng, 3)
+
+
+def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindow, codes=None):
+  """Stages 0+1 of the window's problem: the draws from ``rng`` and the sortLSH orders.
+
+  q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``, key_mask ``[P, k_len]`` bool or None;
+  ``codes``: the window's sort keys (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the
+  caller hashed already (the causal levels share one hashing per call); else they are hashed
+  here with hyperplanes drawn from ``rng``.
+  """
+  b, kh = q.shape[0], k.shape[2]
+  tq, tk = window.q_len, window.k_len
+  nb = _cdiv(tk, config.block_size)
+  qb = _cdiv(tq, nb)
+
+  # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
+  proj_rng, sample_rng, rows_rng = _rng_streams(rng)
+  n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
+             else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
+
+  # 1. sortLSH (padding rows/keys get the invalid code, so they sort last): local row orders.
+  if codes is None:
+    window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
+    projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
+    codes = _sort_keys(window_rows(q, window.q_offset, tq), window_rows(k, window.k_offset, tk),
+                       key_mask, projections)
+  q_perm = _perm(codes[0], nb * qb, config.lsh_num_projs)
+  k_perm = _perm(codes[1], nb * config.block_size, config.lsh_num_projs)
+
+  # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
+  vs = (grouped_rows(v, k_perm[:, :, None], window.k_offset)[:, :, 0]
+        if config.sampler == "value_norm"
+        else jnp.zeros(k_perm.shape + (1,), v.dtype))  # the uniform draw needs only the shape
+  samp_pos, log_weight = lsh.draw_samples(sample_rng, config.sampler, vs, n_valid,
+                                          config.sample_size)
+  tau_rows = (lsh.draw_rows(rows_rng, b, kh, tq, config.approx_d_rows)
+              if config.normalizer == "approx_d" else None)
+  return _Plan(q_perm, k_perm, jnp.take_along_axis(k_perm, samp_pos, axis=-1), samp_pos, n_valid,
+               log_weight, tau_rows)
+
+
+def _sampled_keys(x, plan: _Plan, window: RowWindow):
+  """The samples' rows of k or v ``[P, Rk, Nkv, H]`` -> ``[P, Nkv, m, H]``."""
+  return grouped_rows(x, plan.samp_rows[:, :, None], window.k_offset)[:, :, 0]
+
+
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
   """ApproxD's ``log tau`` ``[B, Nkv, G]``: the largest exact residual row sum (keys outside the
   row's own block) over the sorted query rows ``rows`` ``[B, Nkv, r]``, chunked over keys."""
@@ -121,28 +187,30 @@ def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
   return jnp.max(lse, axis=-1)
 
 
-def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAttentionConfig,
-                   scale, implementation, window: RowWindow):
-  """Stages 2+3: the blocked stage with the sampled residual, normalised as configured.
+def _attend_blocks(q, k, v, plan: _Plan, config: HyperAttentionConfig, scale, implementation,
+                   window: RowWindow):
+  """Stages 2+3+4: the blocked stage with the sampled residual, normalised as configured, the
+  outputs written back to the unsorted rows: out ``[P, q_len, Nq, H]``, lse ``[P, Nq, q_len]``.
 
   ``"approx_d"``: ``log d = max(lse, logaddexp(lse_heavy, log tau - log kappa))``, i.e. the
   residual row sum ``exp(lse) - exp(lse_heavy)`` clamped from below by ``tau / kappa``; the
   output is rescaled to that normaliser (the clamp adds mass with value 0).
   """
   bs = config.block_size
-  k_samp, v_samp, samp_pos, n_valid, log_weight = samples
-  stage = lambda w: blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                      w, scale, bs, window, implementation)
-  out, lse = stage(log_weight)
+  k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
+  stage = lambda w: blocked_attention(q, k, v, plan.q_perm, plan.k_perm, k_samp, v_samp,
+                                      plan.samp_pos, plan.n_valid, w, scale, bs, window,
+                                      implementation)
+  out, lse = stage(plan.log_weight)
   if config.normalizer == "merged":
     return out, lse
-  _, lse_heavy = stage(jnp.full_like(log_weight, _NEG_INF))
-  b, kh, g, rows_p = q_perm.shape
-  qs = grouped_rows(q, q_perm, window.q_offset)
-  ks = grouped_rows(k, k_perm[:, :, None], window.k_offset)[:, :, 0]
-  rows = lsh.draw_rows(rows_rng, b, kh, window.q_len, config.approx_d_rows)
-  q_block = rows_p // (k_perm.shape[-1] // bs)
-  log_tau = _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, bs, config.exact_chunk_size)
+  _, lse_heavy = stage(jnp.full_like(plan.log_weight, _NEG_INF))
+  b, kh, g, rows_p = plan.q_perm.shape
+  qs = grouped_rows(q, plan.q_perm, window.q_offset)
+  ks = grouped_rows(k, plan.k_perm[:, :, None], window.k_offset)[:, :, 0]
+  q_block = rows_p // (plan.k_perm.shape[-1] // bs)
+  log_tau = _residual_lse_max(qs, ks, plan.n_valid, plan.tau_rows, scale, q_block, bs,
+                              config.exact_chunk_size)
   floor = jnp.logaddexp(lse_heavy, (log_tau - jnp.log(config.approx_d_kappa)).reshape(b, -1, 1))
   lse_d = jnp.maximum(lse, floor)
   rescale = jnp.where(lse == _NEG_INF, 0.0, jnp.exp(lse - lse_d))
@@ -150,59 +218,17 @@ def _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config: HyperAtte
   return out.astype(q.dtype), lse_d
 
 
-def _rng_streams(rng):
-  """The keys of one approximation: (LSH hyperplanes, samples, ApproxD rows)."""
-  return jax.random.split(rng, 3)
-
-
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
-                     implementation, window: RowWindow | None = None, codes=None):
-  """Approximate attention of the window's queries over the window's keys.
-
-  q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``; ``window`` (default: every row) says which rows
-  are this problem's; key_mask: ``[P, k_len]`` bool or None. ``codes``: the window's sort keys
-  (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the caller hashed already (the causal
-  levels share one hashing per call); else they are hashed here with hyperplanes drawn from
-  ``rng``. Returns out ``[P, q_len, Nq, H]``, lse ``[P, Nq, q_len]``.
-  """
-  if window is None:
-    window = RowWindow(0, q.shape[1], 0, k.shape[1])
-  b, kh = q.shape[0], k.shape[2]
-  tq, tk = window.q_len, window.k_len
-  bs = config.block_size
-  nb = _cdiv(tk, bs)
-  qb = _cdiv(tq, nb)
-
-  # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
-  proj_rng, sample_rng, rows_rng = _rng_streams(rng)
-  n_valid = (jnp.full((b,), tk, jnp.int32) if key_mask is None
-             else jnp.sum(key_mask, axis=-1, dtype=jnp.int32))
-
-  # 1. sortLSH (padding rows/keys get the invalid code, so they sort last): local row orders.
-  if codes is None:
-    window_rows = lambda x, start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
-    projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
-    codes = _sort_keys(window_rows(q, window.q_offset, tq), window_rows(k, window.k_offset, tk),
-                       key_mask, projections)
-  q_perm = _perm(codes[0], nb * qb, config.lsh_num_projs)
-  k_perm = _perm(codes[1], nb * bs, config.lsh_num_projs)
-
-  # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
-  key_rows = lambda x, perm: grouped_rows(x, perm[:, :, None], window.k_offset)[:, :, 0]
-  vs = (key_rows(v, k_perm) if config.sampler == "value_norm"
-        else jnp.zeros((b, kh, nb * bs, 1), v.dtype))  # the uniform draw needs only the shape
-  samp_pos, log_weight = lsh.draw_samples(sample_rng, config.sampler, vs, n_valid,
-                                          config.sample_size)
-  samp_rows = jnp.take_along_axis(k_perm, samp_pos, axis=-1)
-  samples = (key_rows(k, samp_rows), key_rows(v, samp_rows), samp_pos, n_valid, log_weight)
-
-  # 2+3+4. blocked stage with the sampled residual in one softmax, written back unsorted.
-  return _attend_blocks(q, k, v, q_perm, k_perm, samples, rows_rng, config, scale,
-                        implementation, window)
+                     implementation):
+  """Approximate attention of every query over every key: q ``[B, Tq, Nq, H]``, k/v ``[B, Tk,
+  Nkv, H]``, key_mask ``[B, Tk]`` or None -> out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``."""
+  window = RowWindow(0, q.shape[1], 0, k.shape[1])
+  plan = _plan(q, k, v, key_mask, rng, config, window)
+  return _attend_blocks(q, k, v, plan, config, scale, implementation, window)
 
 
 # ----------------------------------------------------------------------------------------------
-# Causal HyperAttention: batched recursion levels
+# Causal HyperAttention: batched recursion levels, one VJP from the final (out, lse)
 
 
 def causal_levels(seq_len: int, min_seq_len: int) -> tuple[int, int]:
@@ -233,8 +259,192 @@ def level_codes(q_code, k_code, parts: int):
           fold_parts(_split_halves(k_code, parts, k_code.ndim - 1)[0]))
 
 
-def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
+def _fold_rows(x, parts: int):
+  """Rows ``[B, T, ...]`` -> ``[B * parts, T / parts, ...]`` (a view: consecutive rows)."""
+  return x.reshape((x.shape[0] * parts, x.shape[1] // parts) + x.shape[2:])
+
+
+def _fold_stats(x, parts: int):
+  """Statistics ``[B, N, T]`` -> ``[B * parts, N, T / parts]``."""
+  b, n, t = x.shape
+  return x.reshape(b, n, parts, t // parts).transpose(0, 2, 1, 3).reshape(b * parts, n, -1)
+
+
+def _unfold_stats(x, parts: int):
+  """Inverse of :func:`_fold_stats`."""
+  bp, n, s = x.shape
+  return x.reshape(bp // parts, parts, n, s).transpose(0, 2, 1, 3).reshape(bp // parts, n, -1)
+
+
+def _level_window(t: int, d: int) -> tuple[int, RowWindow]:
+  """Level ``d`` of a padded length ``t``: ``2**d`` pairs of halves; each quadrant's queries
+  are rows ``[half, 2 half)`` of its pair, its keys rows ``[0, half)``."""
+  parts = 2 ** d
+  half = t // (2 * parts)
+  return parts, RowWindow(half, half, 0, half)
+
+
+class _Recursion(NamedTuple):
+  """The static part of a causal recursion call."""
+  config: HyperAttentionConfig
+  scale: float
+  implementation: str
+  lse_cotangent: bool
+
+
+def _set_second(pairs, x, axis):
+  """``pairs`` with index 1 of its (size 2) ``axis`` set to ``x``, in place (an explicit
+  dynamic-update-slice: ``.at[].set`` would be a scatter)."""
+  return jax.lax.dynamic_update_slice_in_dim(pairs, jnp.expand_dims(x, axis).astype(pairs.dtype),
+                                             1, axis)
+
+
+def _unfolded_rows(acc, parts: int, local_rows):
+  """(batch, row) indices into ``acc`` ``[B, T, ...]`` of rows ``local_rows`` ``[B * parts,
+  ...]`` of the folded view ``[B * parts, T / parts, ...]`` (row -1 -> ``T``: out of range)."""
+  p = local_rows.shape[0]
+  group = jnp.arange(p).reshape((p,) + (1,) * (local_rows.ndim - 1))
+  rows = (group % parts) * (acc.shape[1] // parts) + local_rows
+  return group // parts, jnp.where(local_rows >= 0, rows, acc.shape[1])
+
+
+def _add_rows_window(acc, g, parts: int, start: int):
+  """``acc`` ``[B, T, ...]`` with ``g`` ``[B * parts, len, ...]`` added to rows ``[start, start
+  + len)`` of each of its ``parts`` row groups, in place.
+
+  A scatter on ``acc``'s own shape: a dynamic-update-slice of the folded view is a different
+  shape from ``acc``, and XLA (GPU) then copies the whole accumulator at every level.
+  """
+  local = jnp.broadcast_to(start + jnp.arange(g.shape[1]), g.shape[:2])
+  b, rows = _unfolded_rows(acc, parts, local)
+  return acc.at[b, rows].add(g.astype(acc.dtype), indices_are_sorted=True, unique_indices=True)
+
+
+def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
+  """(out ``[B, T, N, H]``, lse ``[B, N, T]``) of the recursion on padded q/k/v ``[B, T, ., H]``.
+
+  Level ``d``: the ``2**d`` lower-left quadrants at once, batched (row windows of the pair views
+  of the same arrays), through the non-causal algorithm, merged into the running (out, lse) of
+  their query rows; last, exact causal attention on the diagonal base blocks (one batched call:
+  cuDNN on GPU where it can run it, else the Pallas/XLA flash loops).
+  """
   b, t, nq, h = q.shape
+  out = jnp.zeros(q.shape, q.dtype)
+  lse = jnp.full((b, nq, t), _NEG_INF, jnp.promote_types(q.dtype, jnp.float32))
+  for d, plan in enumerate(plans):
+    parts, window = _level_window(t, d)
+    half = window.q_len
+    o_d, l_d = _attend_blocks(_fold_rows(q, parts), _fold_rows(k, parts), _fold_rows(v, parts),
+                              plan, rec.config, rec.scale, rec.implementation, window)
+    o_d = o_d.reshape(b, parts, half, nq, h)
+    l_d = l_d.reshape(b, parts, nq, half)
+    out_pairs = out.reshape(b, parts, 2, half, nq, h)
+    lse_pairs = lse.reshape(b, nq, parts, 2, half)
+    if d > 0:  # level 0's rows have no earlier part
+      o_d, l_d = merge_attention(out_pairs[:, :, 1], jnp.moveaxis(lse_pairs[:, :, :, 1], 1, 2),
+                                 o_d, l_d)
+    out = _set_second(out_pairs, o_d, axis=2).reshape(b, t, nq, h)
+    lse = _set_second(lse_pairs, jnp.moveaxis(l_d, 2, 1), axis=3).reshape(b, nq, t)
+
+  parts = 2 ** len(plans)
+  fold = lambda x: _fold_rows(x, parts)
+  o_b, l_b = kernel_forward(fold(q), fold(k), fold(v), base_mask, True, rec.scale,
+                            rec.config.exact_chunk_size,
+                            _exact_implementation(q, base_mask, rec.implementation))
+  out, lse = merge_attention(out, lse, o_b.reshape(q.shape), _unfold_stats(l_b, parts))
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal_recursion(q, k, v, plans, base_mask, rec: _Recursion):
+  """Causal HyperAttention of padded q ``[B, T, N, H]``, k/v ``[B, T, Nkv, H]`` (``T = base *
+  2**len(plans)``), one :class:`_Plan` per level, base_mask ``[B * 2**L, base]`` or None.
+
+  The VJP runs every part's backward from the statistics of the *final* merged (out, lse)
+  (``merge.py``): no part's own (out, lse) is kept, no merge is differentiated, and the parts'
+  gradients are added into one dq/dk/dv (in q's dtype, as autodiff would sum them).
+  """
+  return _recursion_forward(q, k, v, plans, base_mask, rec)
+
+
+def _recursion_fwd(q, k, v, plans, base_mask, rec):
+  out, lse = _recursion_forward(q, k, v, plans, base_mask, rec)
+  return (out, lse), (q, k, v, plans, base_mask, out, lse)
+
+
+def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow):
+  """Level gradients ``(dq, dk, dv)`` of the pair views ``[P, 2 half, ., H]`` and the samples'
+  log-weights, from the merged statistics (lse, delta ``[P, N, 2 half]``), or None for dq/dk/dv
+  given as (window rows, key rows, sample key rows) pieces (see :func:`_recursion_bwd`)."""
+  config, q_len = rec.config, window.q_len
+  if config.normalizer == "merged":  # the blocked kernels' backward from the merged statistics
+    k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
+    return blocked_attention_bwd(q, k, v, plan.q_perm, plan.k_perm, k_samp, v_samp,
+                                 plan.samp_pos, plan.n_valid, plan.log_weight, d_out, lse, delta,
+                                 rec.scale, config.block_size, window, rec.implementation)
+  # ApproxD's row normaliser is not a merge of parts: differentiate the level by autodiff, its
+  # output's cotangents pulled back from the merged statistics.
+  part = lambda q, k, v, w: _attend_blocks(q, k, v, plan._replace(log_weight=w), config,
+                                           rec.scale, rec.implementation, window)
+  (o_d, l_d), pull = jax.vjp(part, q, k, v, plan.log_weight)
+  rows = lambda x: jax.lax.slice_in_dim(x, window.q_offset, window.q_offset + q_len, axis=1)
+  stat_rows = lambda x: jnp.swapaxes(jax.lax.slice_in_dim(x, window.q_offset,
+                                                          window.q_offset + q_len, axis=2), 1, 2)
+  d_o, d_l = part_cotangents(o_d, jnp.swapaxes(l_d, 1, 2), stat_rows(lse), stat_rows(delta),
+                             rows(d_out))
+  dq, dk, dv, dw = pull((d_o, jnp.swapaxes(d_l, 1, 2)))
+  return (rows(dq), jax.lax.slice_in_dim(dk, 0, window.k_len, axis=1),
+          jax.lax.slice_in_dim(dv, 0, window.k_len, axis=1), None, None, dw)
+
+
+def _add_sample_rows(acc, parts: int, rows, vals):
+  """``acc`` ``[B, T, Nkv, H]`` with ``vals`` ``[B * parts, Nkv, m, H]`` added at the rows
+  ``rows`` ``[B * parts, Nkv, m]`` of the folded view (-1: dropped), in place (a scatter on
+  ``acc``'s own shape, see :func:`_add_rows_window`)."""
+  b, rows = _unfolded_rows(acc, parts, rows)
+  heads = jnp.arange(rows.shape[1])[None, :, None]
+  return acc.at[b, rows, heads].add(vals.astype(acc.dtype), mode="drop")
+
+
+def _recursion_bwd(rec: _Recursion, res, cotangents):
+  q, k, v, plans, base_mask, out, lse = res
+  d_out, d_lse = cotangents
+  b, t, nq, h = q.shape
+  d_lse = d_lse if rec.lse_cotangent else None
+
+  # Base case first: its gradients start the accumulators (every row of q, k, v).
+  parts = 2 ** len(plans)
+  fold = lambda x: _fold_rows(x, parts)
+  grads = kernel_backward(fold(q), fold(k), fold(v), base_mask, fold(out), _fold_stats(lse, parts),
+                          fold(d_out), None if d_lse is None else _fold_stats(d_lse, parts), True,
+                          rec.scale, rec.config.exact_chunk_size,
+                          _exact_implementation(q, base_mask, rec.implementation))
+  dq, dk, dv = (g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+  # Each level's share, from the final statistics, added into its rows.
+  delta = output_delta(out, d_out, d_lse)
+  d_plans = []
+  for d, plan in enumerate(plans):
+    parts, window = _level_window(t, d)
+    half = window.q_len
+    fold = lambda x: _fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    gq, gk, gv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
+                                            _fold_stats(lse, parts), _fold_stats(delta, parts),
+                                            rec, window)
+    dq = _add_rows_window(dq, gq, parts, half)
+    dk, dv = _add_rows_window(dk, gk, parts, 0), _add_rows_window(dv, gv, parts, 0)
+    if dks is not None:  # the samples' gradients, into their key rows
+      dk = _add_sample_rows(dk, parts, plan.samp_rows, dks)
+      dv = _add_sample_rows(dv, parts, plan.samp_rows, dvs)
+    d_plans.append(_Plan(None, None, None, None, None, dw.astype(plan.log_weight.dtype), None))
+  return dq, dk, dv, tuple(d_plans), None
+
+
+_causal_recursion.defvjp(_recursion_fwd, _recursion_bwd)
+
+
+def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
+  b, t, _, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
   tp = base * 2 ** levels
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
@@ -244,40 +454,18 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   # Every query and key is hashed once, with one set of hyperplanes for all levels.
   projections = lsh.draw_projections(_rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
   q_code, k_code = _sort_keys(q, k, level_mask, projections)
-
-  # Level d: the 2**d lower-left quadrants (second-half queries x first-half keys), batched,
-  # each merged into the running (out, lse) of its query rows.
-  out = jnp.zeros(q.shape, q.dtype)
-  lse = jnp.full((b, nq, tp), _NEG_INF, jnp.promote_types(q.dtype, jnp.float32))
+  plans = []
   for d in range(levels):
-    parts = 2 ** d
-    half = tp // (2 * parts)
-    # Each quadrant reads rows [half, 2 half) (queries) and [0, half) (keys) of its pair.
-    pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
-    m1 = pairs(level_mask)[:, :half]
-    o_d, l_d = _hyper_noncausal(pairs(q), pairs(k), pairs(v), m1, jax.random.fold_in(rng, d),
-                                config, scale, implementation, RowWindow(half, half, 0, half),
-                                level_codes(q_code, k_code, parts))
-    out_first, out_second = _split_halves(out, parts, 1)      # [B, parts, half, N, H]
-    lse_first, lse_second = _split_halves(lse, parts, 2)      # [B, N, parts, half]
-    o_d = o_d.reshape(b, parts, half, nq, h)
-    l_d = l_d.reshape(b, parts, nq, half)
-    merged_o, merged_l = merge_attention(out_second, jnp.moveaxis(lse_second, 2, 1), o_d, l_d)
-    out = jnp.stack([out_first, merged_o], axis=2).reshape(b, tp, nq, h)
-    lse = jnp.stack([lse_first, jnp.moveaxis(merged_l, 1, 2)], axis=3).reshape(b, nq, tp)
-
-  # Base case, last: exact causal attention on the 2**L diagonal blocks (one batched call),
-  # merged into the levels' result inside the call, so that its backward starts from the final
-  # (out, lse). Padding keys lie after every real query, so without a key mask the causal mask
-  # alone excludes them (which lets cuDNN run it).
-  fold = lambda x: x.reshape((b * 2 ** levels, base) + x.shape[2:])
-  fold_stats = lambda x: x.reshape(b, nq, 2 ** levels, base).transpose(0, 2, 1, 3).reshape(
-      b * 2 ** levels, nq, base)
-  base_mask = None if key_mask is None else fold(level_mask)
-  out, lse = _exact(fold(q), fold(k), fold(v), base_mask, True, scale, config, implementation,
-                    prior=(fold(out), fold_stats(lse)), lse_cotangent=lse_cotangent)
-  out = out.reshape(b, tp, nq, h)
-  lse = lse.reshape(b, 2 ** levels, nq, base).transpose(0, 2, 1, 3).reshape(b, nq, tp)
+    parts, window = _level_window(tp, d)
+    fold = lambda x: _fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    plans.append(_plan(fold(q), fold(k), fold(v), fold(level_mask)[:, :window.k_len],
+                       jax.random.fold_in(rng, d), config, window,
+                       level_codes(q_code, k_code, parts)))
+  # Padding keys lie after every real query, so without a key mask the causal mask alone
+  # excludes them from the base case (which lets cuDNN run it).
+  base_mask = None if key_mask is None else _fold_rows(level_mask, 2 ** levels)
+  out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
+                               _Recursion(config, scale, implementation, lse_cotangent))
   return out[:, :t], lse[..., :t]
 
 
@@ -357,7 +545,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation",
                                              "return_lse"))
 def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, return_lse):
-  out, lse = flash_attention(q, k, v, key_mask, None, causal, scale, chunk_size, implementation,
+  out, lse = flash_attention(q, k, v, key_mask, causal, scale, chunk_size, implementation,
                              return_lse)
   return (out, lse) if return_lse else out
 

@@ -1,11 +1,20 @@
-"""Log-sum-exp merge of attentions of the same queries over disjoint key sets."""
+"""Log-sum-exp merge of attentions of the same queries over disjoint key sets, and the
+backward of a part of such a merge from the merged result.
+
+Merging parts ``(O_p, lse_p)`` gives ``lse = log sum_p exp(lse_p)`` and ``O = sum_p w_p O_p``
+with ``w_p = exp(lse_p - lse)``. The gradient of the merged ``(O, lse)`` through part ``p``'s
+scores is ``dS = P (dO . v - delta)`` with ``P`` normalised by the *merged* lse and
+``delta = dO . O - dlse`` (:func:`output_delta`): a flash-style backward of the part started
+from the merged statistics needs neither ``O_p`` nor ``lse_p``. Where the part is differentiated
+by autodiff instead, :func:`part_cotangents` gives the cotangents of ``(O_p, lse_p)``.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["merge_attention", "prior_cotangents"]
+__all__ = ["merge_attention", "output_delta", "part_cotangents"]
 
 _NEG_INF = float("-inf")
 
@@ -31,21 +40,25 @@ def merge_attention(out1, lse1, out2, lse2):
   return out.astype(out1.dtype), lse
 
 
-def prior_cotangents(prior_out, prior_lse, out, lse, d_out, d_lse):
-  """Cotangents of one part of a merge, from the merged result: with the part's share
-  ``w = exp(prior_lse - lse)`` (0 on rows where either is -inf), ``d prior_out = w dO`` and
-  ``d prior_lse = w (dO . (prior_out - out) + dlse)``. ``d_lse`` may be None (no cotangent).
-
-  Shapes as :func:`merge_attention` (out ``[..., T, N, H]``, lse ``[..., N, T]``).
-  """
+def output_delta(out, d_out, d_lse=None):
+  """``delta = rowsum(dO * O) - dlse`` of the merged result, ``[..., N, T]`` (out ``[..., T, N,
+  H]``, d_lse ``[..., N, T]`` or None), float32 (float64 for float64 inputs)."""
   acc = jnp.promote_types(out.dtype, jnp.float32)
-  finite = (prior_lse > _NEG_INF) & (lse > _NEG_INF)
-  w = jnp.where(finite, jnp.exp(jnp.where(finite, prior_lse - lse, 0.0)), 0.0)
-  to_rows = lambda x: jnp.swapaxes(x, -1, -2)[..., None]
-  d_prior_out = (d_out.astype(acc) * to_rows(w)).astype(prior_out.dtype)
-  spread = jnp.sum(d_out.astype(acc) * (prior_out.astype(acc) - out.astype(acc)), axis=-1)
-  d_prior_lse = jnp.swapaxes(spread, -1, -2)
-  if d_lse is not None:
-    d_prior_lse = d_prior_lse + d_lse.astype(acc)
-  return d_prior_out, w * d_prior_lse
+  delta = jnp.swapaxes(jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1), -1, -2)
+  return delta if d_lse is None else delta - d_lse.astype(acc)
 
+
+def part_cotangents(part_out, part_lse, lse, delta, d_out):
+  """Cotangents of one part ``(part_out, part_lse)`` of a merge, from the merged ``lse``, its
+  ``delta`` (:func:`output_delta`) and ``d_out``: with the part's share ``w = exp(part_lse -
+  lse)`` (0 where either is -inf), ``d part_out = w dO`` and ``d part_lse = w (dO . part_out -
+  delta)``.
+
+  Rows on the leading axes: out/d_out ``[..., T, H]``, the statistics ``[..., T]``.
+  """
+  acc = jnp.promote_types(d_out.dtype, jnp.float32)
+  finite = (part_lse > _NEG_INF) & (lse > _NEG_INF)
+  w = jnp.where(finite, jnp.exp(jnp.where(finite, part_lse - lse, 0.0)), 0.0)
+  d_part_out = (d_out.astype(acc) * w[..., None]).astype(part_out.dtype)
+  spread = jnp.sum(d_out.astype(acc) * part_out.astype(acc), axis=-1)
+  return d_part_out, w * (spread - delta)

@@ -20,13 +20,15 @@ runs one online-softmax pass (fp32 statistics and accumulator) over the block's 
 ``block_k`` (skipping chunks above the diagonal when causal) and then over the samples; it writes
 the normalised output and the log-sum-exp.
 
-Backward (flash-style recomputation from the saved lse; ``delta = rowsum(dO * O) - dlse``):
+Backward (flash-style recomputation from an lse and ``delta = rowsum(dO * O) - dlse``: those of
+the kernel's own result, or of a merged result that contains it as a part, ``merge.py``; dO,
+lse and delta are read in q's rows, at the window's offset):
   * ``dq``: the forward's grid and key loop, accumulating ``dS K`` for its query tile;
   * ``dk, dv`` of a block's keys: one program per ``block_k`` keys, looping over the block's query
     tiles of every group head (no other block touches these keys, so no reduction);
   * ``dk, dv`` of the samples: every query block reaches them, so each program takes ``block_k``
     samples and a group of query blocks and writes a float32 partial; the partials of the
-    ``sample_groups`` groups are summed afterwards (no races, bounded extra memory).
+    groups are summed afterwards (no races, bounded extra memory).
 
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
 mask tensor of size ``q x k`` exists. GQA: the group axis is a grid axis (forward, dq) or a loop
@@ -50,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hyperattn_jax.blocked import RowWindow, sorted_rows, unsort_rows, unsort_stats
+from hyperattn_jax.merge import output_delta
 
 __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_attention_pallas",
            "flash_attention_bwd_pallas"]
@@ -122,9 +125,9 @@ def _store_rows(ref, p, rows, head, value):
               mask=valid[:, None])
 
 
-def _load_stats(ref, p, rows, head, padding):
-  """``ref[p, head, rows]`` (``padding`` on padding rows) from a ``[P, N, T]`` array."""
-  return jnp.where(rows >= 0, ref[p, head, jnp.maximum(rows, 0)], padding)
+def _load_stats(ref, p, rows, head, padding, offset=0):
+  """``ref[p, head, offset + rows]`` (``padding`` on padding rows) from a ``[P, N, T]`` array."""
+  return jnp.where(rows >= 0, ref[p, head, offset + jnp.maximum(rows, 0)], padding)
 
 
 def _store_stats(ref, p, rows, head, value):
@@ -253,9 +256,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
   refs, (dq_ref,) = _split_refs(refs, geo, has_samples)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
-  do = _load_rows(do_ref, p, rows, head)
-  lse = _load_stats(lse_ref, p, rows, head, jnp.inf)
-  delta = _load_stats(delta_ref, p, rows, head, 0.0)
+  do = _load_rows(do_ref, p, rows, head, geo.q_offset)
+  lse = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+  delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
 
   def step(dq, s, k, v):
     p_ = jnp.exp(s - lse[:, None])
@@ -306,9 +309,9 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
                       tile)
     q = _load_rows(q_ref, p, rows, head, geo.q_offset)
-    do = _load_rows(do_ref, p, rows, head)
-    lse = _load_stats(lse_ref, p, rows, head, jnp.inf)
-    delta = _load_stats(delta_ref, p, rows, head, 0.0)
+    do = _load_rows(do_ref, p, rows, head, geo.q_offset)
+    lse = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+    delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
     s = _dot(k, q, trans_b=True) * scale + bias[:, None]               # [block_k, block_q]
     if samples:
       s = jnp.where(sblk_ref[...][:, None] == block, _NEG_INF, s)
@@ -507,8 +510,8 @@ def _per_block(x, nb, size, value):
 class _Blocked(NamedTuple):
   inputs: _Inputs
   geo: _Geometry
-  to_rows: callable     # public-layout query rows [P, q_len, N, ...] -> the kernel's rows
-  to_stats: callable    # [P, N, q_len] -> the kernel's rows
+  to_rows: callable     # public-layout rows like q [P, Rq, N, ...] -> the kernel's rows
+  to_stats: callable    # [P, N, Rq] -> the kernel's rows
   from_rows: callable   # inverses
   from_stats: callable
   from_keys: callable   # the kernel's key rows [P, ., Nkv, H] -> [P, k_len, Nkv, H]
@@ -552,8 +555,9 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   inputs = _Inputs(sorted_rows(q, q_perm, window.q_offset), sorted_rows(k, k_perm_g,
                                                                          window.k_offset),
                    sorted_rows(v, k_perm_g, window.k_offset), bias, (), samples)
-  return _Blocked(inputs, geo, lambda x: sorted_rows(x, q_perm),
-                  lambda x: jnp.swapaxes(sorted_rows(jnp.swapaxes(x, 1, 2), q_perm), 1, 2),
+  return _Blocked(inputs, geo, lambda x: sorted_rows(x, q_perm, window.q_offset),
+                  lambda x: jnp.swapaxes(sorted_rows(jnp.swapaxes(x, 1, 2), q_perm,
+                                                     window.q_offset), 1, 2),
                   lambda x: unsort_rows(x, q_perm, window.q_len),
                   lambda x: unsort_stats(x, q_perm, window.q_len),
                   lambda x: unsort_rows(x, k_perm_g, window.k_len))
@@ -582,38 +586,41 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
   return lay.from_rows(out)[..., :q.shape[-1]], lay.from_stats(lse)
 
 
-def _backward_stats(out, lse, d_out, d_lse):
-  """lse with ``+inf`` on empty rows, and ``delta = rowsum(dO * O) - dlse``, ``[P, N, T]``."""
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = jnp.swapaxes(delta, 1, 2) - d_lse.astype(jnp.float32)
-  return jnp.where(lse == _NEG_INF, jnp.inf, lse), delta
-
-
 def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                 log_weight, out, lse, d_out, d_lse, *, scale: float,
+                                 log_weight, d_out, lse, delta, *, scale: float,
                                  block_size: int, window: RowWindow, sort_in_kernel: bool = True,
                                  block_q: int = 64, block_k: int = 64, num_warps: int = 4,
                                  num_stages: int = 2, sample_groups: int = 8):
-  """Gradients of the blocked stage from its (out, lse) and their cotangents.
+  """The stage's gradients from the statistics of the merged result that contains it (its own,
+  or a merge with other parts): same arguments and results as ``blocked.blocked_attention_bwd``
+  (d_out ``[P, Rq, N, H]``, lse/delta ``[P, N, Rq]`` in q's rows).
 
   Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only),
   dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]``. The
-  sample gradients are summed over ``sample_groups`` float32 partials (the largest divisor of
-  the block count not above it).
+  sample gradients are summed over float32 partials: ``sample_groups`` per (kv head) over all
+  ``P`` problems together, i.e. the largest divisor of the block count not above
+  ``sample_groups / P`` per problem (batched causal levels have enough programs without more,
+  and their partials would cost ``P`` times the memory).
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  lse, delta = _backward_stats(out, lse, d_out, d_lse)
   (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, (dks, dvs, dw) = _tile_backward(
-      lay.inputs, lay.geo, lay.to_rows(d_out), lay.to_stats(lse), lay.to_stats(delta),
-      scale=scale, sample_groups=_sample_groups(lay.geo.num_blocks, sample_groups))
+      lay.inputs, lay.geo, lay.to_rows(d_out), lay.to_stats(_empty_rows_inf(lse)),
+      lay.to_stats(delta.astype(jnp.float32)),
+      scale=scale,
+      sample_groups=_sample_groups(lay.geo.num_blocks, max(1, sample_groups // q.shape[0])))
   h, m = q.shape[-1], k_samp.shape[2]
   p, kh = q_perm.shape[:2]
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
   return (lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h],
           unsamp(dks, k_samp), unsamp(dvs, v_samp), dw[:, :m].reshape(p, kh, m))
+
+
+def _empty_rows_inf(lse):
+  """lse with ``+inf`` on rows without keys (so that their probabilities are 0)."""
+  return jnp.where(lse == _NEG_INF, jnp.inf, lse).astype(jnp.float32)
 
 
 def _flash_inputs(q, k, v, key_mask, causal, *, block_q, block_k, num_warps, num_stages):
@@ -649,8 +656,9 @@ def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal
   """Gradients (dq, dk, dv) of ``flash_attention_pallas`` from its (out, lse) and cotangents."""
   x, geo = _flash_inputs(q, k, v, key_mask, causal,
                          **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  lse, delta = _backward_stats(out, lse, d_out, d_lse)
+  delta = output_delta(out, d_out, d_lse).astype(jnp.float32)
   (d_out,) = _pad_head_dim(d_out)
-  dq, dk, dv, _ = _tile_backward(x, geo, d_out, lse, delta, scale=scale, sample_groups=1)
+  dq, dk, dv, _ = _tile_backward(x, geo, d_out, _empty_rows_inf(lse), delta, scale=scale,
+                                 sample_groups=1)
   h = q.shape[-1]
   return dq[..., :h], dk[..., :h], dv[..., :h]

@@ -12,7 +12,8 @@ import pytest
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, hyper_attention
 from hyperattn_jax import cudnn
-from hyperattn_jax.exact import flash_attention
+from hyperattn_jax.exact import flash_attention, kernel_backward, kernel_forward
+from hyperattn_jax.merge import merge_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="cuDNN runs only on an NVIDIA GPU")
@@ -34,23 +35,25 @@ def _f32(*xs):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t", [256, 333])
 def test_cudnn_merged_attention_matches_xla(seed, causal, t):
-  """Forward (out, float32 lse) merged into a prior, and the backward from the merged result
-  (no lse cotangent: the cuDNN backward), against the XLA loops on the same bf16 values."""
+  """Forward (out, float32 lse), and the backward from the statistics of a merge with another
+  part (no lse cotangent: the cuDNN backward), against the XLA loops on the same bf16 values."""
   q, k, v = make_qkv(seed, 2, t, t, 4, 2, 64, jnp.bfloat16)
   keys = jax.random.split(jax.random.key(seed + 1), 3)
   prior = (jax.random.normal(keys[0], q.shape).astype(jnp.bfloat16),
            jax.random.normal(keys[1], (2, 4, t)) + 3.0)
-  w = jax.random.normal(keys[2], q.shape)
-  run = lambda impl, q, k, v, po, pl: flash_attention(q, k, v, None, (po, pl), causal, 0.125,
-                                                      64, impl, False)
-  loss = lambda impl, *x: jnp.sum(run(impl, *x)[0].astype(jnp.float32) * w)
-  args = (q, k, v) + prior
-  (out, lse), (out_x, lse_x) = run("cudnn", *args), run("xla", *_f32(*args))
+  d_out = jax.random.normal(keys[2], q.shape).astype(jnp.bfloat16)
+  run = lambda impl, q, k, v: kernel_forward(q, k, v, None, causal, 0.125, 64, impl)
+  (out, lse), (out_x, lse_x) = run("cudnn", q, k, v), run("xla", *_f32(q, k, v))
   assert lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), out_x, atol=2e-2)
   np.testing.assert_allclose(lse, lse_x, atol=2e-3)
-  g = jax.grad(lambda *x: loss("cudnn", *x), argnums=range(5))(*args)
-  g_ref = jax.grad(lambda *x: loss("xla", *x), argnums=range(5))(*_f32(*args))
+  merged_out, merged_lse = merge_attention(*prior, out, lse)
+  g = kernel_backward(q, k, v, None, merged_out, merged_lse, d_out, None, causal, 0.125, 64,
+                      "cudnn")
+  exact_xla = lambda q, k, v: flash_attention(q, k, v, None, causal, 0.125, 64, "xla")
+  _, vjp = jax.vjp(lambda *x: merge_attention(*_f32(prior[0]), prior[1], *exact_xla(*x)),
+                   *_f32(q, k, v))
+  g_ref = vjp((d_out.astype(jnp.float32), jnp.zeros_like(merged_lse)))
   for a, b in zip(g, g_ref):
     assert rel_err(a, b) < 2e-2
 

@@ -13,8 +13,8 @@ from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
-from hyperattn_jax.exact import flash_attention
-from hyperattn_jax.merge import merge_attention
+from hyperattn_jax.exact import flash_attention, kernel_backward
+from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
                             flash_attention_bwd_pallas, flash_attention_pallas)
@@ -113,7 +113,7 @@ def _inputs_77(seed, dtype):
 def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
   q, k, v, mask = _inputs_77(seed, dtype)
   out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, block_q=32, block_k=16)
-  ref_out, ref_lse = flash_attention(q, k, v, mask, None, causal, 0.2, 32)
+  ref_out, ref_lse = flash_attention(q, k, v, mask, causal, 0.2, 32)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
@@ -133,9 +133,11 @@ def test_every_output_element_is_written(seed):
                                    block_k=16) +
           flash_attention_pallas(q, k, v, mask, True, 0.2, block_q=32, block_k=16))
   d_out = jnp.ones_like(outs[0])
-  d_lse = jnp.zeros_like(outs[1])
-  grads = blocked_attention_bwd_pallas(*args, *outs[:2], d_out, d_lse, scale=0.2, block_size=32,
-                                       window=window, block_q=16, block_k=16, sample_groups=3)
+  rows = lambda x, axis: _in_rows(x, window.q_offset, args[0].shape[1], axis)
+  grads = blocked_attention_bwd_pallas(*args, rows(d_out, 1), rows(outs[1], 2),
+                                       rows(output_delta(outs[0], d_out), 2), scale=0.2,
+                                       block_size=32, window=window, block_q=16, block_k=16,
+                                       sample_groups=6)  # three partials per problem
   grads += flash_attention_bwd_pallas(q, k, v, mask, *outs[2:], jnp.ones_like(q),
                                       jnp.zeros_like(outs[3]), True, 0.2, block_q=16, block_k=32)
   for x in outs[::2] + grads:
@@ -159,26 +161,47 @@ def _assert_grads_close(grads, ref, tol):
     assert rel_err(a, b) < tol, (i, rel_err(a, b))
 
 
+def _random_prior(seed, out, lse):
+  """(out, lse) of a made-up other part of the same query rows (some rows empty: -inf)."""
+  ks = jax.random.split(jax.random.key(seed + 3), 2)
+  prior_lse = jax.random.normal(ks[1], lse.shape) + 1.0
+  return (jax.random.normal(ks[0], out.shape).astype(out.dtype),
+          prior_lse.at[..., :5].set(-jnp.inf))
+
+
+def _in_rows(x, offset, rows, axis):
+  """Window values placed at ``offset`` of ``rows`` rows along ``axis``, NaN elsewhere (the
+  kernels must read only the window's rows)."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (offset, rows - offset - x.shape[axis])
+  return jnp.pad(x.astype(jnp.float32), widths, constant_values=jnp.nan).astype(x.dtype)
+
+
 @pytest.mark.parametrize("shape,dtype,tol,sort_in_kernel",
                          [(s, d, 1e-5 if d == jnp.float32 else 2e-2, True)
                           for s, d, _ in BLOCKED_CASES] + [(BLOCKED[2], jnp.float32, 1e-5, False)])
 def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_kernel):
-  """Pallas dq, dk, dv, sample dk/dv (partials over groups) and d log-weight == XLA autodiff
-  (window rows only: the kernels return the window's gradients)."""
+  """The stage's part of the gradient of its merge with another part: Pallas dq, dk, dv, sample
+  dk/dv (partials over groups) and d log-weight from the merged statistics == XLA autodiff of
+  the merge (window rows only: the kernels return the window's gradients)."""
   dims, n_valid, q_len, k_len = _dims(shape)
   args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
   q, k, v, q_perm, k_perm, k_s, v_s, pos, nv, log_w = args
   scale, bs = dims[-1] ** -0.5, dims[5]
-  (out, lse), vjp = jax.vjp(_xla_stage(args, scale, bs, window), q, k, v, k_s, v_s, log_w)
+  stage = _xla_stage(args, scale, bs, window)
+  prior = _random_prior(seed, *stage(q, k, v, k_s, v_s, log_w))
+  merged = lambda *x: merge_attention(*prior, *stage(*x))
+  (out, lse), vjp = jax.vjp(merged, q, k, v, k_s, v_s, log_w)
   d_out, d_lse = _cotangents(seed, out, lse)
   ref = list(vjp((d_out, d_lse)))
   ref[0] = ref[0][:, window.q_offset:window.q_offset + q_len]
   ref[1] = ref[1][:, window.k_offset:window.k_offset + k_len]
   ref[2] = ref[2][:, window.k_offset:window.k_offset + k_len]
-  grads = blocked_attention_bwd_pallas(*args, out, lse, d_out, d_lse, scale=scale,
-                                       block_size=bs, window=window,
-                                       sort_in_kernel=sort_in_kernel, block_q=16, block_k=16,
-                                       sample_groups=2)
+  rows = lambda x, axis: _in_rows(x, window.q_offset, q.shape[1], axis)
+  grads = blocked_attention_bwd_pallas(
+      *args, rows(d_out, 1), rows(lse, 2), rows(output_delta(out, d_out, d_lse), 2),
+      scale=scale, block_size=bs, window=window, sort_in_kernel=sort_in_kernel, block_q=16,
+      block_k=16, sample_groups=2 * q.shape[0])  # two partials per problem
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 
@@ -187,7 +210,7 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
   q, k, v, mask = _inputs_77(seed, dtype)
-  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, None, causal, 0.2, 32),
+  (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, causal, 0.2, 32),
                             q, k, v)
   d_out, d_lse = _cotangents(seed, out, lse)
   grads = flash_attention_bwd_pallas(q, k, v, mask, out, lse, d_out, d_lse, causal, 0.2,
@@ -196,29 +219,19 @@ def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_exact_merged_into_prior_matches_composition(seed, implementation):
-  """flash_attention(prior=...) == merge_attention(prior, exact attention), and its VJP (from
-  the merged statistics) == autodiff of that composition, for out and lse cotangents;
-  ``lse_cotangent=False`` == a zero lse cotangent. Includes prior rows that are empty (-inf) and
-  rows empty in both parts (batch 1, causal rows 0..9 have no valid key)."""
+def test_exact_backward_from_merged_statistics(seed, implementation):
+  """kernel_backward from the statistics of a merge with another part == autodiff of that
+  merge (out and lse cotangents, and none: ``d_lse=None``). Includes rows empty in the other
+  part and rows empty in both (batch 1, causal rows 0..9 have no valid key)."""
   q, k, v, mask = _inputs_77(seed, jnp.float32)
-  ks = jax.random.split(jax.random.key(seed + 3), 2)
-  prior = (jax.random.normal(ks[0], q.shape),
-           (jax.random.normal(ks[1], (2, 6, 77)) + 2.0).at[:, :, :5].set(-jnp.inf))
-  fused = lambda cot_lse: lambda q, k, v, po, pl: flash_attention(
-      q, k, v, mask, (po, pl), True, 0.2, 32, implementation, cot_lse)
-  composed = lambda q, k, v, po, pl: merge_attention(
-      po, pl, *flash_attention(q, k, v, mask, None, True, 0.2, 32, "xla"))
-  args = (q, k, v) + prior
-  (out, lse), vjp = jax.vjp(fused(True), *args)
-  (ref_out, ref_lse), vjp_ref = jax.vjp(composed, *args)
-  np.testing.assert_allclose(out, ref_out, atol=2e-5)
-  np.testing.assert_allclose(lse, ref_lse, atol=2e-5)
+  attend = lambda q, k, v: flash_attention(q, k, v, mask, True, 0.2, 32, "xla")
+  prior = _random_prior(seed, *attend(q, k, v))
+  (out, lse), vjp = jax.vjp(lambda *x: merge_attention(*prior, *attend(*x)), q, k, v)
   assert np.all(np.isneginf(np.asarray(lse[1, :, :5])))
   d_out, d_lse = _cotangents(seed, out, lse)
-  for got, want in ((vjp((d_out, d_lse)), vjp_ref((d_out, d_lse))),
-                    (jax.vjp(fused(False), *args)[1]((d_out, d_lse)),
-                     vjp_ref((d_out, jnp.zeros_like(d_lse))))):
+  for cot_lse in (d_lse, None):
+    got = kernel_backward(q, k, v, mask, out, lse, d_out, cot_lse, True, 0.2, 32, implementation)
+    want = vjp((d_out, jnp.zeros_like(d_lse) if cot_lse is None else d_lse))
     _assert_grads_close(got, want, 1e-5)
 
 
