@@ -107,7 +107,10 @@ def _perm(code, rows: int, num_projs: int):
   row_bits = max(1, (rows - 1).bit_length())
   if num_projs + 1 + row_bits <= 31:
     rows_iota = jax.lax.broadcasted_iota(jnp.int32, code.shape, code.ndim - 1)
-    packed = jax.lax.sort(jnp.left_shift(code, row_bits) | rows_iota, dimension=code.ndim - 1)
+    # is_stable=False: the packed keys are unique, and a stable sort would make XLA add an
+    # iota operand as tie-breaker (a two-operand sort where it does not use cub).
+    packed = jax.lax.sort(jnp.left_shift(code, row_bits) | rows_iota, dimension=code.ndim - 1,
+                          is_stable=False)
     perm = jnp.bitwise_and(packed, (1 << row_bits) - 1)
   else:
     perm = jnp.argsort(code, axis=-1, stable=True).astype(jnp.int32)
