@@ -9,7 +9,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
