@@ -376,9 +376,10 @@ def _recursion_fwd(q, k, v, plans, base_mask, rec):
 
 
 def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow):
-  """Level gradients ``(dq, dk, dv)`` of the pair views ``[P, 2 half, ., H]`` and the samples'
-  log-weights, from the merged statistics (lse, delta ``[P, N, 2 half]``), or None for dq/dk/dv
-  given as (window rows, key rows, sample key rows) pieces (see :func:`_recursion_bwd`)."""
+  """One level's share of the gradient, from the merged statistics (lse, delta ``[P, N, 2
+  half]``) of the pair views ``[P, 2 half, ., H]``: dq of the window's query rows ``[P, half, N,
+  H]``, dk/dv of its key rows ``[P, half, Nkv, H]``, the samples' dk/dv ``[P, Nkv, m, H]`` (None
+  where they are already inside dk/dv: the autodiff path) and the log-weights' gradient."""
   config, q_len = rec.config, window.q_len
   if config.normalizer == "merged":  # the blocked kernels' backward from the merged statistics
     k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
@@ -412,7 +413,7 @@ def _add_sample_rows(acc, parts: int, rows, vals):
 def _recursion_bwd(rec: _Recursion, res, cotangents):
   q, k, v, plans, base_mask, out, lse = res
   d_out, d_lse = cotangents
-  b, t, nq, h = q.shape
+  t = q.shape[1]
   d_lse = d_lse if rec.lse_cotangent else None
 
   # Base case first: its gradients start the accumulators (every row of q, k, v).
