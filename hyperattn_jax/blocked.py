@@ -29,9 +29,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax.folding import add_rows, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 
-__all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_xla",
+__all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
+           "blocked_attention_xla",
            "softmax_out_lse",
            "grouped_rows", "sorted_rows", "unsort_rows", "unsort_stats"]
 
@@ -215,36 +217,47 @@ def _embed(d, window_offset, rows):
   return jnp.pad(d, ((0, 0), (window_offset, after)) + ((0, 0),) * (d.ndim - 2))
 
 
-def _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
-             block_size, window, implementation):
+def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                          scale: float, block_size: int, window: RowWindow, implementation: str,
+                          into=None):
+  """The forward of :func:`blocked_attention` (same arguments and results), not differentiable.
+
+  ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
+  rows (``folding.py``; a causal level's quadrants): returns it with the stage's result merged
+  into the window's query rows by log-sum-exp (the Pallas kernel does so in place).
+  """
   if implementation == "pallas":
     from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                                     log_weight, scale=scale, block_size=block_size,
-                                    window=window)
+                                    window=window, into=into)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
                                    scale=scale, block_size=block_size)
-  return (unsort_rows(_public(out), q_perm, window.q_len),
-          unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2))
+  out = unsort_rows(_public(out), q_perm, window.q_len)
+  lse = unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2)
+  return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
 
 
 def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                           d_out, lse, delta, scale: float, block_size: int, window: RowWindow,
-                          implementation: str):
+                          implementation: str, into=None):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
   Arguments as :func:`blocked_attention`, plus the merged result's ``d_out`` ``[P, Rq, N, H]``
   and its statistics ``lse``, ``delta = rowsum(dO * O) - dlse`` ``[P, N, Rq]`` (``merge.py``),
   all in q's rows (the window's queries at ``window.q_offset``; no slice is copied). Returns
   dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows, float32 or the
-  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight.
+  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight. ``into``: running
+  ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
+  those with dq, dk, dv added to the window's rows are returned instead (in place in the
+  Pallas kernels).
   """
   if implementation == "pallas":
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
                                         n_valid, log_weight, d_out, lse, delta, scale=scale,
-                                        block_size=block_size, window=window)
+                                        block_size=block_size, window=window, into=into)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
   dq, dk, dv, dks, dvs, dw = _recompute_bwd(
@@ -252,9 +265,13 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
       grouped_rows(d_out, q_perm, window.q_offset), stats(lse), stats(delta), scale=scale,
       block_size=block_size)
   kp = k_perm[:, :, None]
-  return (unsort_rows(_public(dq), q_perm, window.q_len),
-          unsort_rows(_public(dk[:, :, None]), kp, window.k_len),
-          unsort_rows(_public(dv[:, :, None]), kp, window.k_len), dks, dvs, dw)
+  dq = unsort_rows(_public(dq), q_perm, window.q_len)
+  dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
+  dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
+  if into is not None:
+    dq, dk, dv = (add_rows(acc, g, offset) for acc, g, offset in
+                  zip(into, (dq, dk, dv), (window.q_offset, window.k_offset, window.k_offset)))
+  return dq, dk, dv, dks, dvs, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
@@ -278,14 +295,14 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
   backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
   it by autodiff (the reference).
   """
-  return _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
-                  block_size, window, implementation)
+  return blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                               log_weight, scale, block_size, window, implementation)
 
 
 def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
              block_size, window, implementation):
-  out, lse = _forward(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                      scale, block_size, window, implementation)
+  out, lse = blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
+                                   log_weight, scale, block_size, window, implementation)
   return (out, lse), (q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                       out, lse)
 

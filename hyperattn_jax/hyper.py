@@ -33,9 +33,12 @@ import jax.numpy as jnp
 from hyperattn_jax import checks
 from hyperattn_jax import cudnn
 from hyperattn_jax import lsh
-from hyperattn_jax.blocked import RowWindow, blocked_attention, blocked_attention_bwd, grouped_rows
+from hyperattn_jax.blocked import (RowWindow, blocked_attention, blocked_attention_bwd,
+                                   blocked_attention_fwd, grouped_rows)
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.exact import flash_attention, grouped_q, kernel_backward, kernel_forward
+from hyperattn_jax.folding import (add_key_rows, add_rows, fold_rows, fold_stats, merge_rows,
+                                   unfold_stats)
 from hyperattn_jax.merge import merge_attention, output_delta, part_cotangents
 
 __all__ = ["hyper_attention", "exact_attention", "merge_attention"]
@@ -262,23 +265,6 @@ def level_codes(q_code, k_code, parts: int):
           fold_parts(_split_halves(k_code, parts, k_code.ndim - 1)[0]))
 
 
-def _fold_rows(x, parts: int):
-  """Rows ``[B, T, ...]`` -> ``[B * parts, T / parts, ...]`` (a view: consecutive rows)."""
-  return x.reshape((x.shape[0] * parts, x.shape[1] // parts) + x.shape[2:])
-
-
-def _fold_stats(x, parts: int):
-  """Statistics ``[B, N, T]`` -> ``[B * parts, N, T / parts]``."""
-  b, n, t = x.shape
-  return x.reshape(b, n, parts, t // parts).transpose(0, 2, 1, 3).reshape(b * parts, n, -1)
-
-
-def _unfold_stats(x, parts: int):
-  """Inverse of :func:`_fold_stats`."""
-  bp, n, s = x.shape
-  return x.reshape(bp // parts, parts, n, s).transpose(0, 2, 1, 3).reshape(bp // parts, n, -1)
-
-
 def _level_window(t: int, d: int) -> tuple[int, RowWindow]:
   """Level ``d`` of a padded length ``t``: ``2**d`` pairs of halves; each quadrant's queries
   are rows ``[half, 2 half)`` of its pair, its keys rows ``[0, half)``."""
@@ -295,67 +281,35 @@ class _Recursion(NamedTuple):
   lse_cotangent: bool
 
 
-def _set_second(pairs, x, axis):
-  """``pairs`` with index 1 of its (size 2) ``axis`` set to ``x``, in place (an explicit
-  dynamic-update-slice: ``.at[].set`` would be a scatter)."""
-  return jax.lax.dynamic_update_slice_in_dim(pairs, jnp.expand_dims(x, axis).astype(pairs.dtype),
-                                             1, axis)
-
-
-def _unfolded_rows(acc, parts: int, local_rows):
-  """(batch, row) indices into ``acc`` ``[B, T, ...]`` of rows ``local_rows`` ``[B * parts,
-  ...]`` of the folded view ``[B * parts, T / parts, ...]`` (row -1 -> ``T``: out of range)."""
-  p = local_rows.shape[0]
-  group = jnp.arange(p).reshape((p,) + (1,) * (local_rows.ndim - 1))
-  rows = (group % parts) * (acc.shape[1] // parts) + local_rows
-  return group // parts, jnp.where(local_rows >= 0, rows, acc.shape[1])
-
-
-def _add_rows_window(acc, g, parts: int, start: int):
-  """``acc`` ``[B, T, ...]`` with ``g`` ``[B * parts, len, ...]`` added to rows ``[start, start
-  + len)`` of each of its ``parts`` row groups, in place.
-
-  A scatter on ``acc``'s own shape: a dynamic-update-slice of the folded view is a different
-  shape from ``acc``, and XLA (GPU) then copies the whole accumulator at every level.
-  """
-  local = jnp.broadcast_to(start + jnp.arange(g.shape[1]), g.shape[:2])
-  b, rows = _unfolded_rows(acc, parts, local)
-  return acc.at[b, rows].add(g.astype(acc.dtype), indices_are_sorted=True, unique_indices=True)
-
-
 def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
   """(out ``[B, T, N, H]``, lse ``[B, N, T]``) of the recursion on padded q/k/v ``[B, T, ., H]``.
 
-  Level ``d``: the ``2**d`` lower-left quadrants at once, batched (row windows of the pair views
-  of the same arrays), through the non-causal algorithm, merged into the running (out, lse) of
-  their query rows; last, exact causal attention on the diagonal base blocks (one batched call:
-  cuDNN on GPU where it can run it, else the Pallas/XLA flash loops).
+  First exact causal attention on the diagonal base blocks (one batched call: cuDNN on GPU where
+  it can run it, else the Pallas/XLA flash loops); then level ``d``: the ``2**d`` lower-left
+  quadrants at once, batched (row windows of the folded views of the same arrays), through the
+  non-causal algorithm, merged into the running (out, lse) of their query rows (in place in the
+  Pallas kernel).
   """
-  b, t, nq, h = q.shape
-  out = jnp.zeros(q.shape, q.dtype)
-  lse = jnp.full((b, nq, t), _NEG_INF, jnp.promote_types(q.dtype, jnp.float32))
-  for d, plan in enumerate(plans):
-    parts, window = _level_window(t, d)
-    half = window.q_len
-    o_d, l_d = _attend_blocks(_fold_rows(q, parts), _fold_rows(k, parts), _fold_rows(v, parts),
-                              plan, rec.config, rec.scale, rec.implementation, window)
-    o_d = o_d.reshape(b, parts, half, nq, h)
-    l_d = l_d.reshape(b, parts, nq, half)
-    out_pairs = out.reshape(b, parts, 2, half, nq, h)
-    lse_pairs = lse.reshape(b, nq, parts, 2, half)
-    if d > 0:  # level 0's rows have no earlier part
-      o_d, l_d = merge_attention(out_pairs[:, :, 1], jnp.moveaxis(lse_pairs[:, :, :, 1], 1, 2),
-                                 o_d, l_d)
-    out = _set_second(out_pairs, o_d, axis=2).reshape(b, t, nq, h)
-    lse = _set_second(lse_pairs, jnp.moveaxis(l_d, 2, 1), axis=3).reshape(b, nq, t)
-
   parts = 2 ** len(plans)
-  fold = lambda x: _fold_rows(x, parts)
-  o_b, l_b = kernel_forward(fold(q), fold(k), fold(v), base_mask, True, rec.scale,
+  fold = lambda x: fold_rows(x, parts)
+  out, lse = kernel_forward(fold(q), fold(k), fold(v), base_mask, True, rec.scale,
                             rec.config.exact_chunk_size,
                             _exact_implementation(q, base_mask, rec.implementation))
-  out, lse = merge_attention(out, lse, o_b.reshape(q.shape), _unfold_stats(l_b, parts))
-  return out, lse
+  running = (out.reshape(q.shape), unfold_stats(lse, parts))
+  for d, plan in enumerate(plans):
+    parts, window = _level_window(q.shape[1], d)
+    fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    if rec.config.normalizer == "merged":  # the blocked kernel merges into the running result
+      k_samp, v_samp = _sampled_keys(fold(k), plan, window), _sampled_keys(fold(v), plan, window)
+      running = blocked_attention_fwd(fold(q), fold(k), fold(v), plan.q_perm, plan.k_perm, k_samp,
+                                      v_samp, plan.samp_pos, plan.n_valid, plan.log_weight,
+                                      rec.scale, rec.config.block_size, window,
+                                      rec.implementation, into=running)
+    else:
+      running = merge_rows(running, *_attend_blocks(fold(q), fold(k), fold(v), plan, rec.config,
+                                                     rec.scale, rec.implementation, window),
+                           window.q_offset)
+  return running
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -375,17 +329,19 @@ def _recursion_fwd(q, k, v, plans, base_mask, rec):
   return (out, lse), (q, k, v, plans, base_mask, out, lse)
 
 
-def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow):
+def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow, into):
   """One level's share of the gradient, from the merged statistics (lse, delta ``[P, N, 2
-  half]``) of the pair views ``[P, 2 half, ., H]``: dq of the window's query rows ``[P, half, N,
-  H]``, dk/dv of its key rows ``[P, half, Nkv, H]``, the samples' dk/dv ``[P, Nkv, m, H]`` (None
-  where they are already inside dk/dv: the autodiff path) and the log-weights' gradient."""
+  half]``) of the folded views ``[P, 2 half, ., H]``, added into the running ``into = (dq, dk,
+  dv)`` ``[B, T, ., H]`` (dq at the window's query rows, dk/dv at its key rows): returns those,
+  the samples' dk/dv ``[P, Nkv, m, H]`` (None where they are already inside dk/dv: the autodiff
+  path) and the log-weights' gradient."""
   config, q_len = rec.config, window.q_len
   if config.normalizer == "merged":  # the blocked kernels' backward from the merged statistics
     k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
     return blocked_attention_bwd(q, k, v, plan.q_perm, plan.k_perm, k_samp, v_samp,
                                  plan.samp_pos, plan.n_valid, plan.log_weight, d_out, lse, delta,
-                                 rec.scale, config.block_size, window, rec.implementation)
+                                 rec.scale, config.block_size, window, rec.implementation,
+                                 into=into)
   # ApproxD's row normaliser is not a merge of parts: differentiate the level by autodiff, its
   # output's cotangents pulled back from the merged statistics.
   part = lambda q, k, v, w: _attend_blocks(q, k, v, plan._replace(log_weight=w), config,
@@ -397,17 +353,11 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
   d_o, d_l = part_cotangents(o_d, jnp.swapaxes(l_d, 1, 2), stat_rows(lse), stat_rows(delta),
                              rows(d_out))
   dq, dk, dv, dw = pull((d_o, jnp.swapaxes(d_l, 1, 2)))
-  return (rows(dq), jax.lax.slice_in_dim(dk, 0, window.k_len, axis=1),
-          jax.lax.slice_in_dim(dv, 0, window.k_len, axis=1), None, None, dw)
-
-
-def _add_sample_rows(acc, parts: int, rows, vals):
-  """``acc`` ``[B, T, Nkv, H]`` with ``vals`` ``[B * parts, Nkv, m, H]`` added at the rows
-  ``rows`` ``[B * parts, Nkv, m]`` of the folded view (-1: dropped), in place (a scatter on
-  ``acc``'s own shape, see :func:`_add_rows_window`)."""
-  b, rows = _unfolded_rows(acc, parts, rows)
-  heads = jnp.arange(rows.shape[1])[None, :, None]
-  return acc.at[b, rows, heads].add(vals.astype(acc.dtype), mode="drop")
+  keys = lambda x: jax.lax.slice_in_dim(x, window.k_offset, window.k_offset + window.k_len,
+                                        axis=1)
+  return (add_rows(into[0], rows(dq), window.q_offset),
+          add_rows(into[1], keys(dk), window.k_offset),
+          add_rows(into[2], keys(dv), window.k_offset), None, None, dw)
 
 
 def _recursion_bwd(rec: _Recursion, res, cotangents):
@@ -418,30 +368,27 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
 
   # Base case first: its gradients start the accumulators (every row of q, k, v).
   parts = 2 ** len(plans)
-  fold = lambda x: _fold_rows(x, parts)
-  grads = kernel_backward(fold(q), fold(k), fold(v), base_mask, fold(out), _fold_stats(lse, parts),
-                          fold(d_out), None if d_lse is None else _fold_stats(d_lse, parts), True,
+  fold = lambda x: fold_rows(x, parts)
+  grads = kernel_backward(fold(q), fold(k), fold(v), base_mask, fold(out), fold_stats(lse, parts),
+                          fold(d_out), None if d_lse is None else fold_stats(d_lse, parts), True,
                           rec.scale, rec.config.exact_chunk_size,
                           _exact_implementation(q, base_mask, rec.implementation))
-  dq, dk, dv = (g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+  grads = tuple(g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
   # Each level's share, from the final statistics, added into its rows.
   delta = output_delta(out, d_out, d_lse)
   d_plans = []
   for d, plan in enumerate(plans):
     parts, window = _level_window(t, d)
-    half = window.q_len
-    fold = lambda x: _fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
-    gq, gk, gv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
-                                            _fold_stats(lse, parts), _fold_stats(delta, parts),
-                                            rec, window)
-    dq = _add_rows_window(dq, gq, parts, half)
-    dk, dv = _add_rows_window(dk, gk, parts, 0), _add_rows_window(dv, gv, parts, 0)
+    fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    dq, dk, dv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
+                                            fold_stats(lse, parts), fold_stats(delta, parts),
+                                            rec, window, grads)
     if dks is not None:  # the samples' gradients, into their key rows
-      dk = _add_sample_rows(dk, parts, plan.samp_rows, dks)
-      dv = _add_sample_rows(dv, parts, plan.samp_rows, dvs)
+      dk, dv = add_key_rows(dk, plan.samp_rows, dks), add_key_rows(dv, plan.samp_rows, dvs)
+    grads = (dq, dk, dv)
     d_plans.append(_Plan(None, None, None, None, None, dw.astype(plan.log_weight.dtype), None))
-  return dq, dk, dv, tuple(d_plans), None
+  return grads + (tuple(d_plans), None)
 
 
 _causal_recursion.defvjp(_recursion_fwd, _recursion_bwd)
@@ -461,13 +408,13 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   plans = []
   for d in range(levels):
     parts, window = _level_window(tp, d)
-    fold = lambda x: _fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     plans.append(_plan(fold(q), fold(k), fold(v), fold(level_mask)[:, :window.k_len],
                        jax.random.fold_in(rng, d), config, window,
                        level_codes(q_code, k_code, parts)))
   # Padding keys lie after every real query, so without a key mask the causal mask alone
   # excludes them from the base case (which lets cuDNN run it).
-  base_mask = None if key_mask is None else _fold_rows(level_mask, 2 ** levels)
+  base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
   out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
                                _Recursion(config, scale, implementation, lse_cotangent))
   return out[:, :t], lse[..., :t]

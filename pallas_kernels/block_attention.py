@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hyperattn_jax.blocked import RowWindow, sorted_rows, unsort_rows, unsort_stats
+from hyperattn_jax.folding import add_rows, fold_rows, merge_rows
 from hyperattn_jax.merge import output_delta
 
 __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_attention_pallas",
@@ -102,6 +103,9 @@ class _Geometry(NamedTuple):
   causal: bool          # within the block (base case only)
   num_warps: int
   num_stages: int
+  accumulate: bool = False  # results go into the rows of running arrays (``into=``)
+  lse_parts: int = 1    # running lse ``[P / lse_parts, N, lse_parts, rows]`` (problem p = its
+                        # batch row p // lse_parts, row group p % lse_parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,10 +121,11 @@ def _load_rows(ref, p, rows, head, offset=0):
   return ref[p, offset + jnp.maximum(rows, 0)[:, None], head, _cols(ref.shape[-1])]
 
 
-def _store_rows(ref, p, rows, head, value):
-  """``ref[p, rows, head, :] = value``, skipping padding rows (masked, never addressed)."""
+def _store_rows(ref, p, rows, head, value, offset=0):
+  """``ref[p, offset + rows, head, :] = value``, skipping padding rows (masked, never
+  addressed)."""
   valid = rows >= 0
-  at = jnp.where(valid, rows, ref.shape[1])
+  at = jnp.where(valid, offset + rows, ref.shape[1])
   plgpu.store(ref.at[p, at[:, None], head, _cols(ref.shape[-1])], value.astype(ref.dtype),
               mask=valid[:, None])
 
@@ -133,6 +138,32 @@ def _load_stats(ref, p, rows, head, padding, offset=0):
 def _store_stats(ref, p, rows, head, value):
   valid = rows >= 0
   plgpu.store(ref.at[p, head, jnp.where(valid, rows, ref.shape[2])], value, mask=valid)
+
+
+def _load_running_lse(geo, ref, p, rows, head):
+  """Rows ``q_offset + rows`` of problem ``p`` of a running lse ``[P / lse_parts, N, lse_parts,
+  R]`` (``-inf`` on padding rows)."""
+  at = geo.q_offset + jnp.maximum(rows, 0)
+  return jnp.where(rows >= 0, ref[p // geo.lse_parts, head, p % geo.lse_parts, at], _NEG_INF)
+
+
+def _store_running_lse(geo, ref, p, rows, head, value):
+  valid = rows >= 0
+  at = jnp.where(valid, geo.q_offset + rows, ref.shape[3])
+  plgpu.store(ref.at[p // geo.lse_parts, head, p % geo.lse_parts, at], value, mask=valid)
+
+
+def _store_results(geo, outs, values, p, rows, head, offset):
+  """Stores float32 ``values`` (one per result) at local ``rows``: into the running arrays
+  (``outs`` = their inputs, then the aliased outputs), added to their rows ``offset + rows``,
+  when ``geo.accumulate``; else into the window-sized outputs ``outs``."""
+  if not geo.accumulate:
+    for ref, value in zip(outs, values):
+      _store_rows(ref, p, rows, head, value)
+    return
+  for ref_in, ref, value in zip(outs[:len(values)], outs[len(values):], values):
+    _store_rows(ref, p, rows, head,
+                value + _load_rows(ref_in, p, rows, head, offset).astype(jnp.float32), offset)
 
 
 def _tile_rows(geo, perm, block, tile):
@@ -227,7 +258,7 @@ def _query_tile(geo, refs):
 
 
 def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
-  refs, (o_ref, lse_ref) = _split_refs(refs, geo, has_samples)
+  refs, outs = _split_refs(refs, geo, has_samples)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   block_q, head_dim = q.shape
@@ -242,18 +273,32 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + _dot(p_.astype(v.dtype),
                                                                               v)
 
-  init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-          jnp.zeros((block_q, head_dim), jnp.float32))
+  if geo.accumulate:  # start from the running (out, lse) of these rows: (m, l) = (lse, 1)
+    out_in, lse_in, o_ref, lse_ref = outs
+    m = _load_running_lse(geo, lse_in, p, rows, head)
+    has = m > _NEG_INF
+    init = (m, jnp.where(has, 1.0, 0.0), jnp.where(
+        has[:, None], _load_rows(out_in, p, rows, head, geo.q_offset).astype(jnp.float32), 0.0))
+  else:
+    o_ref, lse_ref = outs
+    init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, head_dim), jnp.float32))
   m, l, acc = _visit_keys(step, init, q, tile * block_q, block, refs, p, kv, geo=geo,
                           scale=scale)
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
-  _store_rows(o_ref, p, rows, head, jnp.where(has[:, None], acc / l_safe[:, None], 0.0))
-  _store_stats(lse_ref, p, rows, head, jnp.where(has, m + jnp.log(l_safe), _NEG_INF))
+  out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
+  lse = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)
+  if geo.accumulate:
+    _store_rows(o_ref, p, rows, head, out, geo.q_offset)
+    _store_running_lse(geo, lse_ref, p, rows, head, lse)
+  else:
+    _store_rows(o_ref, p, rows, head, out)
+    _store_stats(lse_ref, p, rows, head, lse)
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples):
-  refs, (dq_ref,) = _split_refs(refs, geo, has_samples)
+  refs, outs = _split_refs(refs, geo, has_samples)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   do = _load_rows(do_ref, p, rows, head, geo.q_offset)
@@ -266,8 +311,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = _visit_keys(step, jnp.zeros(q.shape, jnp.float32), q, tile * q.shape[0], block, refs, p,
-                   kv, geo=geo, scale=scale)
-  _store_rows(dq_ref, p, rows, head, dq * scale)
+                   kv, geo=geo, scale=scale) * scale
+  _store_results(geo, outs, (dq,), p, rows, head, geo.q_offset)
 
 
 def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_per_program,
@@ -289,7 +334,6 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     first_block, col0 = pl.program_id(1) * blocks_per_program, 0
     k, v, bias, keys = ks_ref[...], vs_ref[...], sb_ref[...], None
   else:
-    dk_ref, dv_ref = outs
     first_block = pl.program_id(1) // geo.chunks_per_block
     chunk = pl.program_id(1) % geo.chunks_per_block
     col0 = chunk * bk
@@ -342,17 +386,26 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     dv_ref[...] = dv
     dw_ref[...] = dw
   else:
-    _store_rows(dk_ref, p, keys, kv, dk * scale)
-    _store_rows(dv_ref, p, keys, kv, dv)
+    _store_results(geo, outs, (dk * scale, dv), p, keys, kv, geo.k_offset)
 
 
 # ----------------------------------------------------------------------------------------------
 # pallas_calls
 
 
-def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name):
+def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, running=()):
+  """``running``: the last ``len(running)`` inputs are updated in place (aliased to the outputs,
+  read by row index like them)."""
+  n_in = len(in_specs) + len(running)
+  if running:  # the outputs take the running arrays' shapes (one result: not a list)
+    single = not isinstance(out_shape, (list, tuple))
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in running]
+    out_specs = [_WHOLE] * len(running)
+    out_specs, out_shape = (out_specs[0], out_shape[0]) if single else (out_specs, out_shape)
   return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=grid, in_specs=list(in_specs) + [_WHOLE] * len(running), out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases={n_in - len(running) + i: i for i in range(len(running))},
       compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
       interpret=jax.default_backend() != "gpu", name=name)
 
@@ -393,8 +446,10 @@ def _key_inputs(x: _Inputs, geo):
   return specs, (x.k, x.v, x.bias) + x.perms + x.samples
 
 
-def _tile_forward(x: _Inputs, geo: _Geometry, *, scale):
-  """Forward: out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` f32."""
+def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
+  """Forward: out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` f32; or, with
+  ``running = (out [P, Rq, N, H], lse [P / lse_parts, N, lse_parts, Rq])`` (``geo.accumulate``),
+  those with the result merged into the window's rows."""
   p, _, n, h = x.q.shape
   specs, arrays = _key_inputs(x, geo)
   kernel = functools.partial(_fwd_kernel, geo=geo, scale=scale, has_samples=bool(x.samples))
@@ -403,14 +458,17 @@ def _tile_forward(x: _Inputs, geo: _Geometry, *, scale):
       kernel, geo, grid, [_WHOLE] + specs, [_WHOLE, _WHOLE],
       [jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
        jax.ShapeDtypeStruct((p, n, geo.q_len), jnp.float32)],
-      "hyperattn_block_attention_fwd")(x.q, *arrays)
+      "hyperattn_block_attention_fwd", running)(x.q, *arrays, *running)
 
 
-def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups):
+def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups,
+                   running=()):
   """Backward: dq ``[P, q_len, N, H]`` (q's dtype), dk/dv ``[P, k_len, Nkv, H]`` (k's dtype),
   and for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None).
+  With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the gradients
+  added to the window's rows instead.
 
-  do like the output; lse (``+inf`` on rows without keys) and delta ``[P, N, q_len]`` f32.
+  do like q; lse (``+inf`` on rows without keys) and delta ``[P, N, Rq]`` f32 (q's rows).
   """
   p, _, n, h = x.q.shape
   nkv, bq, bk = geo.kv_heads, geo.block_q, geo.block_k
@@ -422,12 +480,12 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       functools.partial(_dq_kernel, geo=geo, scale=scale, has_samples=has_samples),
       geo, (p * nkv, geo.groups, geo.num_blocks * geo.tiles_per_block), [_WHOLE] * 4 + specs,
       _WHOLE, jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
-      "hyperattn_block_attention_dq")(*rows_in, *arrays)
+      "hyperattn_block_attention_dq", running[:1])(*rows_in, *arrays, *running[:1])
 
   qb_p = geo.tiles_per_block * bq
   kvb = _bias_head(x, geo)
 
-  def dkdv(samples_mode, blocks_per_program, grid):
+  def dkdv(samples_mode, blocks_per_program, grid, running=()):
     # Specs on the grid (bkv, c, s): own keys have c = key chunk (s absent), samples have
     # c = group of blocks and s = sample chunk.
     in_specs = [_WHOLE] * 4
@@ -465,10 +523,10 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     kernel = functools.partial(_dkdv_kernel, geo=geo, scale=scale,
                                blocks_per_program=blocks_per_program, samples=samples_mode)
     return _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape,
-                        "hyperattn_block_attention_dkdv")(*rows_in, *arrays)
+                        "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
 
   # dk, dv of each block's own keys: program (bkv, key chunk) over its block's query rows.
-  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block))
+  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block), running[1:])
   if not has_samples:
     return dq, dk, dv, None
   # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
@@ -567,55 +625,97 @@ def _tile_kwargs(block_q, block_k, num_warps, num_stages):
   return dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
+def _folded(running, q, kind):
+  """``parts``: the problems of q ``[P, Rq, ...]`` per row of ``running``'s first array ``[B,
+  parts * Rq, ...]`` (checked)."""
+  x = running[0]
+  parts = q.shape[0] // x.shape[0]
+  if x.shape[0] * parts != q.shape[0] or x.shape[1] != parts * q.shape[1]:
+    raise ValueError(f"into: running {kind} {x.shape} does not hold the rows of q {q.shape} "
+                     "(expected [P / parts, parts * Rq, ...])")
+  return parts
+
+
+def _in_place(lay, q):
+  """Whether the kernels can update running arrays: rows by index and no head_dim padding."""
+  return lay.geo.sorted and lay.inputs.q.shape[-1] == q.shape[-1]
+
+
 def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                              log_weight, *, scale: float, block_size: int, window: RowWindow,
                              sort_in_kernel: bool = True, block_q: int = 64, block_k: int = 64,
-                             num_warps: int = 4, num_stages: int = 2):
-  """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention``.
+                             num_warps: int = 4, num_stages: int = 2, into=None):
+  """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention_fwd``.
 
   q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows in ``window``), q_perm
   ``[P, Nkv, G, nb * qb]`` / k_perm ``[P, Nkv, nb * block_size]`` local rows in sorted order
   (-1: padding), k_samp/v_samp ``[P, Nkv, m, H]``, samp_pos ``[P, Nkv, m]``, n_valid ``[P]``,
   log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse ``[P, N, q_len]`` float32.
+  ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
+  rows (``folding.py``): returned with the result merged into the window's query rows, in place
+  in the kernel (where it reads rows by index and head_dim needs no padding; else by XLA).
   ``sort_in_kernel=False`` gathers sorted copies in XLA first (the alternative, to compare).
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
-  return lay.from_rows(out)[..., :q.shape[-1]], lay.from_stats(lse)
+  if into is None or not _in_place(lay, q):
+    out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
+    out, lse = lay.from_rows(out)[..., :q.shape[-1]], lay.from_stats(lse)
+    return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
+  parts = _folded(into, q, "out")
+  out, lse = into
+  b, n, t = lse.shape
+  out, lse = _tile_forward(lay.inputs, lay.geo._replace(accumulate=True, lse_parts=parts),
+                           scale=scale, running=(fold_rows(out, parts),
+                                                 lse.reshape(b, n, parts, t // parts)))
+  return out.reshape(into[0].shape), lse.reshape(into[1].shape)
 
 
 def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                                  log_weight, d_out, lse, delta, *, scale: float,
                                  block_size: int, window: RowWindow, sort_in_kernel: bool = True,
                                  block_q: int = 64, block_k: int = 64, num_warps: int = 4,
-                                 num_stages: int = 2, sample_groups: int = 8):
+                                 num_stages: int = 2, sample_groups: int = 8, into=None):
   """The stage's gradients from the statistics of the merged result that contains it (its own,
   or a merge with other parts): same arguments and results as ``blocked.blocked_attention_bwd``
   (d_out ``[P, Rq, N, H]``, lse/delta ``[P, N, Rq]`` in q's rows).
 
   Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only),
-  dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]``. The
-  sample gradients are summed over float32 partials: ``sample_groups`` per (kv head) over all
-  ``P`` problems together, i.e. the largest divisor of the block count not above
-  ``sample_groups / P`` per problem (batched causal levels have enough programs without more,
-  and their partials would cost ``P`` times the memory).
+  dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]``. With
+  ``into`` = running ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are
+  the folded rows: those with dq, dk, dv added to the window's rows instead (in the kernels
+  where they can, see :func:`blocked_attention_pallas`). The sample gradients are summed over
+  float32 partials: ``sample_groups`` per (kv head) over all ``P`` problems together, i.e. the
+  largest divisor of the block count not above ``sample_groups / P`` per problem (batched
+  causal levels have enough programs without more, and their partials would cost ``P`` times
+  the memory).
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
+  in_place = into is not None and _in_place(lay, q)
+  running, geo = (), lay.geo
+  if in_place:
+    parts = _folded(into, q, "dq")
+    running, geo = tuple(fold_rows(x, parts) for x in into), geo._replace(accumulate=True)
   (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, (dks, dvs, dw) = _tile_backward(
-      lay.inputs, lay.geo, lay.to_rows(d_out), lay.to_stats(_empty_rows_inf(lse)),
-      lay.to_stats(delta.astype(jnp.float32)),
-      scale=scale,
-      sample_groups=_sample_groups(lay.geo.num_blocks, max(1, sample_groups // q.shape[0])))
+      lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_empty_rows_inf(lse)),
+      lay.to_stats(delta.astype(jnp.float32)), scale=scale,
+      sample_groups=_sample_groups(geo.num_blocks, max(1, sample_groups // q.shape[0])),
+      running=running)
   h, m = q.shape[-1], k_samp.shape[2]
   p, kh = q_perm.shape[:2]
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
-  return (lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h],
-          unsamp(dks, k_samp), unsamp(dvs, v_samp), dw[:, :m].reshape(p, kh, m))
+  samples = (unsamp(dks, k_samp), unsamp(dvs, v_samp), dw[:, :m].reshape(p, kh, m))
+  if in_place:
+    return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
+  dq, dk, dv = lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h]
+  if into is not None:
+    dq, dk, dv = (add_rows(acc, g, offset) for acc, g, offset in
+                  zip(into, (dq, dk, dv), (window.q_offset, window.k_offset, window.k_offset)))
+  return (dq, dk, dv, *samples)
 
 
 def _empty_rows_inf(lse):

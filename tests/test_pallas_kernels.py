@@ -14,6 +14,7 @@ from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.exact import flash_attention, kernel_backward
+from hyperattn_jax.folding import fold_rows, fold_stats, unfold_stats
 from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
@@ -53,7 +54,7 @@ def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_l
 def _xla_stage(args, scale, bs, window):
   """The XLA forward without the custom VJP (plain autodiff is the gradient reference)."""
   q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
-  return lambda q, k, v, k_s, v_s, w: blocked_lib._forward(  # pylint: disable=protected-access
+  return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
       q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, scale, bs, window, "xla")
 
 
@@ -204,6 +205,52 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
       block_k=16, sample_groups=2 * q.shape[0])  # two partials per problem
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "xla"])
+@pytest.mark.parametrize("shape", BLOCKED[:2])  # head_dim 16: in place; 24: padded, merged by XLA
+def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
+  """``into=``: the stage merged into a running (out, lse) of the unfolded rows (a causal level:
+  the problems are ``parts`` row groups of each batch row), and its gradients added into
+  running (dq, dk, dv); the window's rows only, every other row untouched."""
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, jnp.float32, n_valid, q_len, k_len)
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, nv, log_w = args
+  scale, bs, parts = dims[-1] ** -0.5, dims[5], q.shape[0]  # P problems = 1 row x P parts
+  unfold = lambda x: x.reshape((1, -1) + x.shape[2:])
+  fwd = lambda into=None: blocked_lib.blocked_attention_fwd(
+      *args, scale, bs, window, implementation, into=into)
+  o_d, l_d = fwd()
+  prior_out, prior_lse = _random_prior(seed, jnp.zeros_like(q), jnp.zeros(
+      (q.shape[0], q.shape[2], q.shape[1])))
+  running = (unfold(prior_out), unfold_stats(prior_lse, parts))
+  out, lse = fwd(running)
+  assert out.shape == running[0].shape and lse.shape == running[1].shape
+  win = slice(window.q_offset, window.q_offset + q_len)
+  want_out, want_lse = merge_attention(prior_out[:, win], prior_lse[..., win], o_d, l_d)
+  want_out = prior_out.at[:, win].set(want_out)
+  want_lse = prior_lse.at[..., win].set(want_lse)
+  np.testing.assert_allclose(fold_rows(out, parts), want_out, atol=2e-5, rtol=0)
+  _assert_lse_close(fold_stats(lse, parts), want_lse, 2e-5)
+  rest = np.ones(q.shape[1], bool)
+  rest[win] = False
+  np.testing.assert_array_equal(fold_rows(out, parts)[:, rest], prior_out[:, rest])
+
+  d_out, _ = _cotangents(seed, q, jnp.zeros(q.shape[:1]))
+  lse_rows = jnp.where(jnp.isfinite(prior_lse), prior_lse, 0.0) + 2.0
+  delta = jax.random.normal(jax.random.key(seed + 5), lse_rows.shape)
+  bwd = lambda into=None: blocked_lib.blocked_attention_bwd(
+      *args, d_out, lse_rows, delta, scale, bs, window, implementation, into=into)
+  dq, dk, dv, *samples = bwd()
+  grads_in = tuple(jax.random.normal(jax.random.key(seed + 9 + i), unfold(x).shape)
+                   for i, x in enumerate((q, k, v)))
+  got = bwd(grads_in)
+  for a, b in zip(got[3:], samples):
+    np.testing.assert_array_equal(a, b)
+  for g, acc, d, offset in zip(got[:3], grads_in, (dq, dk, dv),
+                               (window.q_offset, window.k_offset, window.k_offset)):
+    want = fold_rows(acc, parts).at[:, offset:offset + d.shape[1]].add(d)
+    np.testing.assert_allclose(fold_rows(g, parts), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
