@@ -30,6 +30,10 @@ lse and delta are read in q's rows, at the window's offset):
     samples and a group of query blocks and writes a float32 partial; the partials of the
     groups are summed afterwards (no races, bounded extra memory).
 
+Scores are kept in base-2 units inside the kernels: ``s = q k^T (scale log2 e) + bias log2 e``,
+probabilities ``exp2(s - m)`` (one multiply-add and one ``ex2`` per score instead of the longer
+``expf`` sequence); lse is converted at the boundary (natural log outside).
+
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
 mask tensor of size ``q x k`` exists. GQA: the group axis is a grid axis (forward, dq) or a loop
 (dk/dv) over programs reading the same K/V rows (no repetition in HBM).
@@ -43,6 +47,7 @@ q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -59,6 +64,8 @@ __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_at
            "flash_attention_bwd_pallas"]
 
 _NEG_INF = float("-inf")
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -213,15 +220,17 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
   """Runs ``carry = step(carry, s, k, v)`` over every key chunk a query tile sees.
 
   ``q`` ``[block_q, H]`` sits at row ``row0`` of its query block ``block``; ``s`` is the masked
-  fp32 score tile ``[block_q, block_k]`` of a chunk of the block's keys (then of the samples).
+  fp32 score tile ``[block_q, block_k]`` (base-2 units) of a chunk of the block's keys (then of
+  the samples).
   """
   bk = geo.block_k
+  scale2 = scale * _LOG2E
 
   def key_chunk(j, carry, masked):
     sl = pl.ds(j * bk, bk)
     keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, block, j)
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
-    s = _dot(q, k, trans_b=True) * scale + refs.bias[sl][None, :]
+    s = _dot(q, k, trans_b=True) * scale2 + refs.bias[sl][None, :] * _LOG2E
     if masked:
       s = _causal(s, row0, j * bk)
     return step(carry, s, k, _load_rows(refs.v, p, keys, kv, geo.k_offset))
@@ -241,7 +250,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     def sample_chunk(j, carry):
       sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
-      s = _dot(q, k, trans_b=True) * scale + sb_ref[sl][None, :]
+      s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :] * _LOG2E
       s = jnp.where(sblk_ref[sl][None, :] == block, _NEG_INF, s)
       return step(carry, s, k, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
@@ -268,14 +277,14 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     m, l, acc = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-    alpha = jnp.exp(m - m_safe)
-    p_ = jnp.exp(s - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
+    p_ = jnp.exp2(s - m_safe[:, None])
     return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + _dot(p_.astype(v.dtype),
                                                                               v)
 
   if geo.accumulate:  # start from the running (out, lse) of these rows: (m, l) = (lse, 1)
     out_in, lse_in, o_ref, lse_ref = outs
-    m = _load_running_lse(geo, lse_in, p, rows, head)
+    m = _load_running_lse(geo, lse_in, p, rows, head) * _LOG2E
     has = m > _NEG_INF
     init = (m, jnp.where(has, 1.0, 0.0), jnp.where(
         has[:, None], _load_rows(out_in, p, rows, head, geo.q_offset).astype(jnp.float32), 0.0))
@@ -288,7 +297,7 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
   out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
-  lse = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)
+  lse = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, _NEG_INF)
   if geo.accumulate:
     _store_rows(o_ref, p, rows, head, out, geo.q_offset)
     _store_running_lse(geo, lse_ref, p, rows, head, lse)
@@ -302,11 +311,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-  lse = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+  lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset) * _LOG2E
   delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
 
   def step(dq, s, k, v):
-    p_ = jnp.exp(s - lse[:, None])
+    p_ = jnp.exp2(s - lse2[:, None])
     ds = p_ * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
@@ -341,6 +350,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
     v = _load_rows(refs.v, p, keys, kv, geo.k_offset)
     bias = refs.bias[...]
+  bias, scale2 = bias * _LOG2E, scale * _LOG2E
   tpb, bq = geo.tiles_per_block, geo.block_q
 
   def query_tile(t, carry, g, masked):
@@ -354,14 +364,14 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
                       tile)
     q = _load_rows(q_ref, p, rows, head, geo.q_offset)
     do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-    lse = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+    lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset) * _LOG2E
     delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
-    s = _dot(k, q, trans_b=True) * scale + bias[:, None]               # [block_k, block_q]
+    s = _dot(k, q, trans_b=True) * scale2 + bias[:, None]              # [block_k, block_q]
     if samples:
       s = jnp.where(sblk_ref[...][:, None] == block, _NEG_INF, s)
     if masked:  # keys on the rows, queries on the columns
       s = _causal(s, tile * bq, col0, query_axis=1)
-    p_ = jnp.exp(s - lse[None, :])
+    p_ = jnp.exp2(s - lse2[None, :])
     ds = p_ * (_dot(v, do, trans_b=True) - delta[None, :])
     return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p_.astype(do.dtype), do),
             dw + jnp.sum(ds, axis=1))
