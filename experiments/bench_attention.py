@@ -254,7 +254,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     qd = pairs(q)[:, half:]
     # Forward only: the recursion's VJP starts every part from the final (out, lse), so no
     # merge is differentiated.
-    level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
+    if impl == "xla":  # the Pallas kernel merges into the running result in place (no pass)
+      level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
     result["levels"].append(level)
   return result
 

@@ -12,13 +12,14 @@ Non-causal (``_hyper_noncausal``):
      the shared uniform samples (reweighted, own-block samples masked), in one softmax,
      reading rows by index (``blocked.py`` in XLA, ``pallas_kernels`` on GPU);
   4. the outputs are written back to the unsorted rows by the same index.
-Causal (``_hyper_causal``): every query and key is hashed once (one set of hyperplanes); for each
-recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of the same
-arrays), through the non-causal algorithm, merged into the running (out, lse) by log-sum-exp;
-last, exact causal attention on the ``2**L`` diagonal base blocks (one batched call: cuDNN on
-GPU where it can run it, else the Pallas/XLA flash loops), merged in too. One custom VJP covers
-the whole recursion: every part's backward starts from the final (out, lse) (``merge.py``), so
-neither the parts' own results nor the merges are kept for it.
+Causal (``_hyper_causal``): every query and key is hashed once (one set of hyperplanes); first,
+exact causal attention on the ``2**L`` diagonal base blocks (one batched call: cuDNN on GPU
+where it can run it, else the Pallas/XLA flash loops) starts the running (out, lse); then for
+each recursion level ``d`` the ``2**d`` lower-left quadrants at once, batched (row windows of the
+folded views of the same arrays, ``folding.py``), through the non-causal algorithm, merged into
+the running (out, lse) by log-sum-exp (in place, inside the Pallas kernel). One custom VJP covers
+the whole recursion: every part's backward starts from the final (out, lse) (``merge.py``) and
+adds into one dq/dk/dv, so neither the parts' own results nor the merges are kept for it.
 """
 
 from __future__ import annotations
