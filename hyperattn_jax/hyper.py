@@ -102,17 +102,27 @@ def _perm(code, rows: int, num_projs: int):
   """Stage 1b: the stable sort of the rows by their sort keys ``code`` ``[..., n]``, as local
   row indices ``[..., rows]``, padded to ``rows`` (padding sorts last and is -1).
 
-  Sort key and row index are packed into one int32 where they fit (one radix-sortable key,
-  unique, so an unstable sort is stable), else an argsort of (key, row) pairs.
+  Sort key and row index are packed into one unique integer key, so an unstable sort is stable
+  (and XLA adds no iota tie-breaker operand). Where the index of the leading position (batch,
+  head, ...) fits above them in 32 bits, all rows are one flat sort (one radix sort on GPU;
+  a batched sort is a segmented radix sort there, several times slower at few long rows); else
+  a sort per leading position, or an argsort of (key, row) pairs where even that does not fit.
   """
   n = code.shape[-1]
   code = jnp.pad(code, ((0, 0),) * (code.ndim - 1) + ((0, rows - n),),
                  constant_values=2 ** num_projs)
   row_bits = max(1, (rows - 1).bit_length())
-  if num_projs + 1 + row_bits <= 31:
-    rows_iota = jax.lax.broadcasted_iota(jnp.int32, code.shape, code.ndim - 1)
-    # is_stable=False: the packed keys are unique, and a stable sort would make XLA add an
-    # iota operand as tie-breaker (a two-operand sort where it does not use cub).
+  code_bits = num_projs + 1
+  segments = math.prod(code.shape[:-1])
+  segment_bits = (segments - 1).bit_length()
+  rows_iota = jax.lax.broadcasted_iota(jnp.int32, code.shape, code.ndim - 1)
+  if segment_bits + code_bits + row_bits <= 32:
+    segment = jnp.arange(segments, dtype=jnp.uint32).reshape(code.shape[:-1] + (1,))
+    packed = ((segment << (code_bits + row_bits)) | (code.astype(jnp.uint32) << row_bits) |
+              rows_iota.astype(jnp.uint32))
+    packed = jax.lax.sort(packed.reshape(-1), is_stable=False).reshape(code.shape)
+    perm = (packed & ((1 << row_bits) - 1)).astype(jnp.int32)
+  elif code_bits + row_bits <= 31:
     packed = jax.lax.sort(jnp.left_shift(code, row_bits) | rows_iota, dimension=code.ndim - 1,
                           is_stable=False)
     perm = jnp.bitwise_and(packed, (1 << row_bits) - 1)

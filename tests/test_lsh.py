@@ -62,7 +62,8 @@ def test_samples_cover_only_valid_positions(seed):
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
 
 
-@pytest.mark.parametrize("num_projs", [3, 29])  # packed one-key sort / (key, row) argsort
+# One flat sort of packed (segment, key, row) / a packed sort per segment / (key, row) argsort
+@pytest.mark.parametrize("num_projs", [3, 23, 29])
 def test_perm_is_the_stable_sort_with_padding_last(seed, num_projs):
   rng = np.random.default_rng(seed)
   code = rng.integers(0, 2 ** num_projs + 1, size=(2, 3, 50)).astype(np.int32)
