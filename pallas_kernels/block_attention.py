@@ -30,6 +30,12 @@ lse and delta are read in q's rows, at the window's offset):
     samples and a group of query blocks and writes a float32 partial; the partials of the
     groups are summed afterwards (no races, bounded extra memory).
 
+Running arrays (``into=``, a causal level of the recursion): the forward starts its online
+softmax from the running (out, lse) of its query rows, ``(m, l, acc) = (lse, 1, out)``, and
+writes the merged rows back; dq and the own keys' dk/dv add into the running gradients' rows.
+The running arrays are aliased inputs/outputs (``input_output_aliases``: updated in place, no
+merge or scatter pass); each program owns its rows, so there are no races.
+
 Scores are kept in base-2 units inside the kernels: ``s = q k^T (scale log2 e) + bias log2 e``,
 probabilities ``exp2(s - m)`` (one multiply-add and one ``ex2`` per score instead of the longer
 ``expf`` sequence); lse is converted at the boundary (natural log outside).
