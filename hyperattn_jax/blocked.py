@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax.folding import add_rows, merge_rows
+from hyperattn_jax.folding import add_grads, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 
 __all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
@@ -269,8 +269,7 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
   dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
   if into is not None:
-    dq, dk, dv = (add_rows(acc, g, offset) for acc, g, offset in
-                  zip(into, (dq, dk, dv), (window.q_offset, window.k_offset, window.k_offset)))
+    dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
   return dq, dk, dv, dks, dvs, dw
 
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from hyperattn_jax.merge import merge_attention
 
-__all__ = ["fold_rows", "fold_stats", "unfold_stats", "merge_rows", "add_rows", "add_key_rows"]
+__all__ = ["fold_rows", "fold_stats", "unfold_stats", "merge_rows", "add_rows", "add_grads",
+           "add_key_rows"]
 
 
 def fold_rows(x, parts: int):
@@ -59,6 +60,14 @@ def add_rows(acc, g, start: int):
   len)`` of each of its ``parts`` row groups, in place (sorted, unique indices)."""
   b, rows = _window_rows(acc, g, start)
   return acc.at[b, rows].add(g.astype(acc.dtype), indices_are_sorted=True, unique_indices=True)
+
+
+def add_grads(running, grads, q_start: int, k_start: int):
+  """Running ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` with a level's window gradients
+  ``(dq [B * parts, q_len, N, H], dk, dv [B * parts, k_len, Nkv, H])`` added at query rows
+  ``[q_start, q_start + q_len)`` and key rows ``[k_start, k_start + k_len)`` of each problem."""
+  return tuple(add_rows(acc, g, start)
+               for acc, g, start in zip(running, grads, (q_start, k_start, k_start)))
 
 
 def merge_rows(running, out, lse, start: int):

@@ -38,7 +38,7 @@ from hyperattn_jax.blocked import (RowWindow, blocked_attention, blocked_attenti
                                    blocked_attention_fwd, grouped_rows)
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.exact import flash_attention, grouped_q, kernel_backward, kernel_forward
-from hyperattn_jax.folding import (add_key_rows, add_rows, fold_rows, fold_stats, merge_rows,
+from hyperattn_jax.folding import (add_grads, add_key_rows, fold_rows, fold_stats, merge_rows,
                                    unfold_stats)
 from hyperattn_jax.merge import merge_attention, output_delta, part_cotangents
 
@@ -366,9 +366,8 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
   dq, dk, dv, dw = pull((d_o, jnp.swapaxes(d_l, 1, 2)))
   keys = lambda x: jax.lax.slice_in_dim(x, window.k_offset, window.k_offset + window.k_len,
                                         axis=1)
-  return (add_rows(into[0], rows(dq), window.q_offset),
-          add_rows(into[1], keys(dk), window.k_offset),
-          add_rows(into[2], keys(dv), window.k_offset), None, None, dw)
+  return (*add_grads(into, (rows(dq), keys(dk), keys(dv)), window.q_offset, window.k_offset),
+          None, None, dw)
 
 
 def _recursion_bwd(rec: _Recursion, res, cotangents):

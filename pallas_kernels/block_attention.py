@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hyperattn_jax.blocked import RowWindow, sorted_rows, unsort_rows, unsort_stats
-from hyperattn_jax.folding import add_rows, fold_rows, merge_rows
+from hyperattn_jax.folding import add_grads, fold_rows, merge_rows
 from hyperattn_jax.merge import output_delta
 
 __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_attention_pallas",
@@ -729,8 +729,7 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
     return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
   dq, dk, dv = lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h]
   if into is not None:
-    dq, dk, dv = (add_rows(acc, g, offset) for acc, g, offset in
-                  zip(into, (dq, dk, dv), (window.q_offset, window.k_offset, window.k_offset)))
+    dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
   return (dq, dk, dv, *samples)
 
 
