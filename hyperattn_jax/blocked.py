@@ -33,9 +33,8 @@ from hyperattn_jax.folding import add_grads, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 
 __all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
-           "blocked_attention_xla",
-           "softmax_out_lse",
-           "grouped_rows", "sorted_rows", "unsort_rows", "unsort_stats"]
+           "blocked_attention_xla", "softmax_out_lse", "grouped_rows", "sorted_rows", "unsort_rows",
+           "unsort_stats"]
 
 _NEG_INF = float("-inf")
 
