@@ -25,6 +25,7 @@ adds into one dq/dk/dv, so neither the parts' own results nor the merges are kep
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -98,37 +99,39 @@ def _sort_keys(q, k, key_mask, projections):
   return q_code, k_code
 
 
-def _perm(code, rows: int, num_projs: int):
-  """Stage 1b: the stable sort of the rows by their sort keys ``code`` ``[..., n]``, as local
-  row indices ``[..., rows]``, padded to ``rows`` (padding sorts last and is -1).
+def _perms(codes, rows, num_projs: int):
+  """Stage 1b: for each sort-key array ``codes[i]`` ``[..., n_i]``, the stable sort of its rows
+  by key, as local row indices ``[..., rows[i]]`` int32, padded to ``rows[i]`` (padding sorts
+  last and is -1).
 
-  Sort key and row index are packed into one unique integer key, so an unstable sort is stable
-  (and XLA adds no iota tie-breaker operand). Where the index of the leading position (batch,
-  head, ...) fits above them in 32 bits, all rows are one flat sort (one radix sort on GPU;
-  a batched sort is a segmented radix sort there, several times slower at few long rows); else
-  a sort per leading position, or an argsort of (key, row) pairs where even that does not fit.
+  All arrays are one flat sort on GPU (one radix sort: a batched sort is cub's segmented radix
+  sort there, several times slower at few long rows): the key of a row is (segment, sort key),
+  segment = its leading position (batch, head, ...) numbered across the arrays, in the
+  narrowest unsigned type that holds it (16 bits: two radix passes), and the row index rides
+  along as the value; the radix sort is stable, so ties keep rows ascending. Where the key
+  needs more than 32 bits, a stable argsort per array.
   """
-  n = code.shape[-1]
-  code = jnp.pad(code, ((0, 0),) * (code.ndim - 1) + ((0, rows - n),),
-                 constant_values=2 ** num_projs)
-  row_bits = max(1, (rows - 1).bit_length())
   code_bits = num_projs + 1
-  segments = math.prod(code.shape[:-1])
-  segment_bits = (segments - 1).bit_length()
-  rows_iota = jax.lax.broadcasted_iota(jnp.int32, code.shape, code.ndim - 1)
-  if segment_bits + code_bits + row_bits <= 32:
-    segment = jnp.arange(segments, dtype=jnp.uint32).reshape(code.shape[:-1] + (1,))
-    packed = ((segment << (code_bits + row_bits)) | (code.astype(jnp.uint32) << row_bits) |
-              rows_iota.astype(jnp.uint32))
-    packed = jax.lax.sort(packed.reshape(-1), is_stable=False).reshape(code.shape)
-    perm = (packed & ((1 << row_bits) - 1)).astype(jnp.int32)
-  elif code_bits + row_bits <= 31:
-    packed = jax.lax.sort(jnp.left_shift(code, row_bits) | rows_iota, dimension=code.ndim - 1,
-                          is_stable=False)
-    perm = jnp.bitwise_and(packed, (1 << row_bits) - 1)
+  padded = [jnp.pad(c, ((0, 0),) * (c.ndim - 1) + ((0, r - c.shape[-1]),),
+                    constant_values=2 ** num_projs) for c, r in zip(codes, rows)]
+  counts = [math.prod(c.shape[:-1]) for c in padded]
+  key_bits = (sum(counts) - 1).bit_length() + code_bits
+  if key_bits > 32:
+    perms = [jnp.argsort(c, axis=-1, stable=True).astype(jnp.int32) for c in padded]
   else:
-    perm = jnp.argsort(code, axis=-1, stable=True).astype(jnp.int32)
-  return jnp.where(perm < n, perm, -1)
+    key_type = jnp.uint16 if key_bits <= 16 else jnp.uint32
+    keys, index = [], []
+    for c, first in zip(padded, itertools.accumulate([0] + counts)):
+      segment = first + jnp.arange(math.prod(c.shape[:-1]), dtype=jnp.uint32)
+      segment = segment.reshape(c.shape[:-1] + (1,))
+      keys.append(((segment << code_bits) | c.astype(jnp.uint32)).astype(key_type).reshape(-1))
+      index.append(jax.lax.broadcasted_iota(jnp.uint32, c.shape, c.ndim - 1).reshape(-1))
+    _, index = jax.lax.sort((jnp.concatenate(keys), jnp.concatenate(index)), num_keys=1,
+                            is_stable=True)
+    ends = list(itertools.accumulate(c.size for c in padded))
+    perms = [part.reshape(c.shape).astype(jnp.int32)
+             for part, c in zip(jnp.split(index, ends[:-1]), padded)]
+  return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(perms, codes))
 
 
 def _rng_streams(rng):
@@ -160,8 +163,7 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
     projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
     codes = _sort_keys(window_rows(q, window.q_offset, tq), window_rows(k, window.k_offset, tk),
                        key_mask, projections)
-  q_perm = _perm(codes[0], nb * qb, config.lsh_num_projs)
-  k_perm = _perm(codes[1], nb * config.block_size, config.lsh_num_projs)
+  q_perm, k_perm = _perms(codes, (nb * qb, nb * config.block_size), config.lsh_num_projs)
 
   # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
   vs = (grouped_rows(v, k_perm[:, :, None], window.k_offset)[:, :, 0]

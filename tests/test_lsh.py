@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hyperattn_jax import lsh
-from hyperattn_jax.hyper import _perm  # pylint: disable=protected-access
+from hyperattn_jax.hyper import _perms  # pylint: disable=protected-access
 
 
 def test_gray_neighbours_differ_in_one_bit():
@@ -62,13 +62,18 @@ def test_samples_cover_only_valid_positions(seed):
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
 
 
-# One flat sort of packed (segment, key, row) / a packed sort per segment / (key, row) argsort
-@pytest.mark.parametrize("num_projs", [3, 23, 29])
-def test_perm_is_the_stable_sort_with_padding_last(seed, num_projs):
+# One flat sort with 16-bit / 32-bit (segment, key) keys / a stable argsort per array
+@pytest.mark.parametrize("num_projs", [3, 12, 29])
+def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs):
   rng = np.random.default_rng(seed)
-  code = rng.integers(0, 2 ** num_projs + 1, size=(2, 3, 50)).astype(np.int32)
-  code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
-  perm = np.asarray(_perm(jnp.asarray(code), 64, num_projs))
-  want = np.argsort(code, axis=-1, kind="stable")
-  np.testing.assert_array_equal(perm[..., :50], want)
-  assert np.all(perm[..., 50:] == -1)
+  codes = [rng.integers(0, 2 ** num_projs + 1, size=shape).astype(np.int32)
+           for shape in ((2, 3, 2, 50), (2, 3, 45))]
+  for code in codes:
+    code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
+  perms = _perms([jnp.asarray(c) for c in codes], (64, 48), num_projs)
+  for code, perm, rows in zip(codes, perms, (64, 48)):
+    n = code.shape[-1]
+    assert perm.shape == code.shape[:-1] + (rows,) and perm.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(perm)[..., :n], np.argsort(code, axis=-1,
+                                                                        kind="stable"))
+    assert np.all(np.asarray(perm)[..., n:] == -1)
