@@ -265,7 +265,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
 
 def _query_tile(geo, refs):
   """(problem, kv head, head, block, tile in block, local rows) of a forward/dq program."""
-  i, g, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i, t, g = _program_ids(3)
   p, kv = i // geo.kv_heads, i % geo.kv_heads
   block, tile = t // geo.tiles_per_block, t % geo.tiles_per_block
   rows = _tile_rows(geo, refs.q_perm[...] if geo.sorted else None, block, tile)
@@ -340,17 +340,16 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
   gradient of their log-weights (the column sums of the score gradient).
   """
   refs, outs = _split_refs(refs, geo, has_samples=samples)
-  i = pl.program_id(0)
+  i, c = _program_ids(3 if samples else 2)[:2]
   p, kv = i // geo.kv_heads, i % geo.kv_heads
   bk = geo.block_k
   if samples:
     ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
     dk_ref, dv_ref, dw_ref = outs
-    first_block, col0 = pl.program_id(1) * blocks_per_program, 0
+    first_block, col0 = c * blocks_per_program, 0
     k, v, bias, keys = ks_ref[...], vs_ref[...], sb_ref[...], None
   else:
-    first_block = pl.program_id(1) // geo.chunks_per_block
-    chunk = pl.program_id(1) % geo.chunks_per_block
+    first_block, chunk = c // geo.chunks_per_block, c % geo.chunks_per_block
     col0 = chunk * bk
     keys = _chunk_keys(geo, refs.k_perm[...] if geo.sorted else None, first_block, chunk)
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
@@ -409,8 +408,24 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
 # pallas_calls
 
 
+def _program_ids(n):
+  """The program's indices on its logical grid (``_pallas_call``)."""
+  return tuple(pl.program_id(n - 1 - axis) for axis in range(n))
+
+
+def _spec(block_shape, index_map):
+  """A BlockSpec whose ``index_map`` takes the logical grid indices (``_pallas_call``)."""
+  return pl.BlockSpec(block_shape, lambda *ids: index_map(*ids[::-1]))
+
+
 def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, running=()):
-  """``running``: the last ``len(running)`` inputs are updated in place (aliased to the outputs,
+  """Launches ``kernel`` on the logical ``grid`` (problem * kv head first), reversed: the last
+  logical axis is the fastest-varying launch index, so that the programs of one (problem, kv
+  head) run side by side and share its key blocks and samples in L2 (with many small
+  problems, a causal level's quadrants, the samples were otherwise re-read from HBM by every
+  program). Kernels read their indices with ``_program_ids``, specs are made by ``_spec``.
+
+  ``running``: the last ``len(running)`` inputs are updated in place (aliased to the outputs,
   read by row index like them)."""
   n_in = len(in_specs) + len(running)
   if running:  # the outputs take the running arrays' shapes (one result: not a list)
@@ -419,7 +434,7 @@ def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, runnin
     out_specs = [_WHOLE] * len(running)
     out_specs, out_shape = (out_specs[0], out_shape[0]) if single else (out_specs, out_shape)
   return pl.pallas_call(
-      kernel, grid=grid, in_specs=list(in_specs) + [_WHOLE] * len(running), out_specs=out_specs,
+      kernel, grid=tuple(reversed(grid)), in_specs=list(in_specs) + [_WHOLE] * len(running), out_specs=out_specs,
       out_shape=out_shape,
       input_output_aliases={n_in - len(running) + i: i for i in range(len(running))},
       compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
@@ -446,19 +461,17 @@ def _bias_head(x: _Inputs, geo):
 
 
 def _key_inputs(x: _Inputs, geo):
-  """Specs on the (bkv, head, tile) grid and arrays of (k, v, bias[, perms][, samples])."""
+  """Specs on the (bkv, tile, group head) grid and arrays of (k, v, bias[, perms][, samples])."""
   nkv, bs_p, tpb = geo.kv_heads, geo.chunks_per_block * geo.block_k, geo.tiles_per_block
   kvb = _bias_head(x, geo)
-  specs = [_WHOLE, _WHOLE, pl.BlockSpec((None, None, bs_p),
-                                        lambda i, g, t: (i // nkv, kvb(i), t // tpb))]
+  specs = [_WHOLE, _WHOLE, _spec((None, None, bs_p), lambda i, t, g: (i // nkv, kvb(i), t // tpb))]
   if geo.sorted:
-    specs += [pl.BlockSpec((None, None, None, geo.block_q),
-                           lambda i, g, t: (i // nkv, i % nkv, g, t)),
-              pl.BlockSpec((None, None, bs_p), lambda i, g, t: (i // nkv, i % nkv, t // tpb))]
+    specs += [_spec((None, None, None, geo.block_q), lambda i, t, g: (i // nkv, i % nkv, g, t)),
+              _spec((None, None, bs_p), lambda i, t, g: (i // nkv, i % nkv, t // tpb))]
   if x.samples:
     m_p = x.samples[0].shape[1]
-    specs += [pl.BlockSpec((None, m_p, x.samples[0].shape[2]), lambda i, g, t: (i, 0, 0))] * 2
-    specs += [pl.BlockSpec((None, m_p), lambda i, g, t: (i, 0))] * 2
+    specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
+    specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
   return specs, (x.k, x.v, x.bias) + x.perms + x.samples
 
 
@@ -469,7 +482,7 @@ def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
   p, _, n, h = x.q.shape
   specs, arrays = _key_inputs(x, geo)
   kernel = functools.partial(_fwd_kernel, geo=geo, scale=scale, has_samples=bool(x.samples))
-  grid = (p * geo.kv_heads, geo.groups, geo.num_blocks * geo.tiles_per_block)
+  grid = (p * geo.kv_heads, geo.num_blocks * geo.tiles_per_block, geo.groups)
   return _pallas_call(
       kernel, geo, grid, [_WHOLE] + specs, [_WHOLE, _WHOLE],
       [jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
@@ -494,7 +507,7 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
   specs, arrays = _key_inputs(x, geo)
   dq = _pallas_call(
       functools.partial(_dq_kernel, geo=geo, scale=scale, has_samples=has_samples),
-      geo, (p * nkv, geo.groups, geo.num_blocks * geo.tiles_per_block), [_WHOLE] * 4 + specs,
+      geo, (p * nkv, geo.num_blocks * geo.tiles_per_block, geo.groups), [_WHOLE] * 4 + specs,
       _WHOLE, jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
       "hyperattn_block_attention_dq", running[:1])(*rows_in, *arrays, *running[:1])
 
@@ -506,31 +519,31 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     # c = group of blocks and s = sample chunk.
     in_specs = [_WHOLE] * 4
     if samples_mode:
-      bias_spec = pl.BlockSpec((None, None, bk), lambda i, c, s: (i // nkv, kvb(i), 0))
+      bias_spec = _spec((None, None, bk), lambda i, c, s: (i // nkv, kvb(i), 0))
     else:
-      bias_spec = pl.BlockSpec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c))
+      bias_spec = _spec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c))
     in_specs += [_WHOLE, _WHOLE, bias_spec]
     arrays = [x.k, x.v, x.bias]
     if geo.sorted:
       rows = blocks_per_program * qb_p
       if samples_mode:
-        in_specs += [pl.BlockSpec((None, None, geo.groups, rows),
-                                  lambda i, c, s: (i // nkv, i % nkv, 0, c)),
-                     pl.BlockSpec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
+        in_specs += [_spec((None, None, geo.groups, rows),
+                           lambda i, c, s: (i // nkv, i % nkv, 0, c)),
+                     _spec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
       else:
         cpb = geo.chunks_per_block
-        in_specs += [pl.BlockSpec((None, None, geo.groups, rows),
-                                  lambda i, c: (i // nkv, i % nkv, 0, c // cpb)),
-                     pl.BlockSpec((None, None, bk), lambda i, c: (i // nkv, i % nkv, c))]
+        in_specs += [_spec((None, None, geo.groups, rows),
+                           lambda i, c: (i // nkv, i % nkv, 0, c // cpb)),
+                     _spec((None, None, bk), lambda i, c: (i // nkv, i % nkv, c))]
       arrays += list(x.perms)
     if samples_mode:
       m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
-      in_specs += [pl.BlockSpec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
-      in_specs += [pl.BlockSpec((None, bk), lambda i, c, s: (i, s))] * 2
+      in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
+      in_specs += [_spec((None, bk), lambda i, c, s: (i, s))] * 2
       arrays += list(x.samples)
       part = (p * nkv, grid[1], m_p)
-      out_specs = [pl.BlockSpec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
-      out_specs.append(pl.BlockSpec((None, None, bk), lambda i, c, s: (i, c, s)))
+      out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
+      out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
       out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
       out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
     else:
