@@ -177,9 +177,13 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
                log_weight, tau_rows)
 
 
-def _sampled_keys(x, plan: _Plan, window: RowWindow):
-  """The samples' rows of k or v ``[P, Rk, Nkv, H]`` -> ``[P, Nkv, m, H]``."""
-  return grouped_rows(x, plan.samp_rows[:, :, None], window.k_offset)[:, :, 0]
+def _stage_arrays(q, k, v, plan: _Plan, window: RowWindow, log_weight=None):
+  """The blocked stage's array arguments (``blocked.blocked_attention``) for the plan's problems:
+  q/k/v ``[P, R, ., H]``, the permutations, the samples' rows of k and v gathered ``[P, Nkv, m,
+  H]``, their positions, the valid key counts and ``log_weight`` (default: the plan's)."""
+  samples = lambda x: grouped_rows(x, plan.samp_rows[:, :, None], window.k_offset)[:, :, 0]
+  return (q, k, v, plan.q_perm, plan.k_perm, samples(k), samples(v), plan.samp_pos, plan.n_valid,
+          plan.log_weight if log_weight is None else log_weight)
 
 
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
@@ -216,9 +220,7 @@ def _attend_blocks(q, k, v, plan: _Plan, config: HyperAttentionConfig, scale, im
   output is rescaled to that normaliser (the clamp adds mass with value 0).
   """
   bs = config.block_size
-  k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
-  stage = lambda w: blocked_attention(q, k, v, plan.q_perm, plan.k_perm, k_samp, v_samp,
-                                      plan.samp_pos, plan.n_valid, w, scale, bs, window,
+  stage = lambda w: blocked_attention(*_stage_arrays(q, k, v, plan, window, w), scale, bs, window,
                                       implementation)
   out, lse = stage(plan.log_weight)
   if config.normalizer == "merged":
@@ -313,9 +315,7 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
     parts, window = _level_window(q.shape[1], d)
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     if rec.config.normalizer == "merged":  # the blocked kernel merges into the running result
-      k_samp, v_samp = _sampled_keys(fold(k), plan, window), _sampled_keys(fold(v), plan, window)
-      running = blocked_attention_fwd(fold(q), fold(k), fold(v), plan.q_perm, plan.k_perm, k_samp,
-                                      v_samp, plan.samp_pos, plan.n_valid, plan.log_weight,
+      running = blocked_attention_fwd(*_stage_arrays(fold(q), fold(k), fold(v), plan, window),
                                       rec.scale, rec.config.block_size, window,
                                       rec.implementation, into=running)
     else:
@@ -350,9 +350,7 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
   path) and the log-weights' gradient."""
   config, q_len = rec.config, window.q_len
   if config.normalizer == "merged":  # the blocked kernels' backward from the merged statistics
-    k_samp, v_samp = _sampled_keys(k, plan, window), _sampled_keys(v, plan, window)
-    return blocked_attention_bwd(q, k, v, plan.q_perm, plan.k_perm, k_samp, v_samp,
-                                 plan.samp_pos, plan.n_valid, plan.log_weight, d_out, lse, delta,
+    return blocked_attention_bwd(*_stage_arrays(q, k, v, plan, window), d_out, lse, delta,
                                  rec.scale, config.block_size, window, rec.implementation,
                                  into=into)
   # ApproxD's row normaliser is not a merge of parts: differentiate the level by autodiff, its

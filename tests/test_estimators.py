@@ -31,11 +31,22 @@ def test_options_match_dense_reference_values_and_gradients(seed, sampler, norma
   rng = jax.random.key(seed)
   run = lambda cfg, q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=cfg,
                                              key_mask=key_mask, return_lse=True)
-  out, lse = run(cfg, q, k, v)
-  ref_out, ref_lse = reference_hyper_attention(q, k, v, rng=rng, causal=causal, config=cfg,
-                                               key_mask=key_mask)
+  w = jax.random.normal(jax.random.key(seed + 1), q.shape)
+
+  def values_and_grads(f):  # (out, lse) and the gradient of a loss of both, in one compile
+    def loss(q, k, v):
+      out, lse = f(q, k, v)
+      return jnp.sum(out * w) + jnp.sum(lse), (out, lse)
+    (_, values), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    return values, grads
+
+  (out, lse), g = values_and_grads(lambda *x: run(cfg, *x))
+  (ref_out, ref_lse), g_ref = values_and_grads(lambda *x: reference_hyper_attention(
+      *x, rng=rng, causal=causal, config=cfg, key_mask=key_mask))
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)
+  for a, b in zip(g, g_ref):
+    assert rel_err(a, b) < 1e-5
   # The option changes the result (the test can fail if it were ignored); checked on the
   # non-causal cases (the causal levels run the same stages; each run is another compile).
   if not causal:
@@ -44,13 +55,6 @@ def test_options_match_dense_reference_values_and_gradients(seed, sampler, norma
     base = run(dataclasses.replace(cfg, normalizer="merged"), q, k, v)[1]
     assert np.all(np.asarray(lse) >= np.asarray(base) - 1e-5)
     assert np.any(np.asarray(lse) > np.asarray(base) + 1e-3)
-  w = jax.random.normal(jax.random.key(seed + 1), q.shape)
-  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v)[0] * w) + jnp.sum(f(q, k, v)[1])
-  g = jax.grad(loss(lambda *x: run(cfg, *x)), (0, 1, 2))(q, k, v)
-  g_ref = jax.grad(loss(lambda *x: reference_hyper_attention(
-      *x, rng=rng, causal=causal, config=cfg, key_mask=key_mask)), (0, 1, 2))(q, k, v)
-  for a, b in zip(g, g_ref):
-    assert rel_err(a, b) < 1e-5
 
 
 def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
