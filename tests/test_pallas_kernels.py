@@ -325,9 +325,10 @@ def test_hyper_pallas_equals_xla_and_reference(seed, causal):
   np.testing.assert_allclose(out_p, out_x, atol=2e-5)
   np.testing.assert_allclose(lse_p, lse_x, atol=2e-5)
   w = jax.random.normal(jax.random.key(seed + 2), q.shape)
-  g = jax.grad(lambda q, k, v: jnp.sum(run("pallas", q, k, v)[0] * w), (0, 1, 2))(q, k, v)
-  g_ref = jax.grad(lambda q, k, v: jnp.sum(reference_hyper_attention(
-      q, k, v, rng=rng, causal=causal, config=SMALL)[0] * w), (0, 1, 2))(q, k, v)
+  g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run("pallas", q, k, v)[0] * w), (0, 1, 2)))(
+      q, k, v)
+  g_ref = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference_hyper_attention(
+      q, k, v, rng=rng, causal=causal, config=SMALL)[0] * w), (0, 1, 2)))(q, k, v)
   for a, b in zip(g, g_ref):
     assert rel_err(a, b) < 1e-5
 
