@@ -10,10 +10,10 @@ Timing: ``jax.jit``, warm-up calls, then the median of ``--reps`` calls each end
 ``block_until_ready`` (host clock around a synchronised call: the call's dispatch and launch
 latency included); also ``pipelined_ms``, the time per call of ``--reps`` calls issued back to
 back with one synchronisation (the device time of a call inside a larger program). Inputs:
-random normal, bf16, [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds per-stage timings of
-HyperAttention, forward and backward (hash, sort+samples, blocked stage; base case, each
-causal level and its merge; the Pallas blocked kernels reading rows by index vs. on sorted
-copies); plot them with experiments/plot_breakdown.py.
+random normal, bf16, [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds
+per-stage timings of HyperAttention, forward and backward (hash, sort+samples, blocked stage;
+base case, each causal level and its merge; the Pallas blocked kernels reading rows by index vs.
+on sorted copies); plot them with experiments/plot_breakdown.py.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
 Plot with experiments/plot_bench.py.
 """
@@ -330,7 +330,8 @@ def main(argv):
           if "median_ms" in rec:
             mem = rec["memory_bytes"]
             print(f"{n:>8} {causal!s:>6} {mode:>6} {impl:>13} {rec['median_ms']:>10.3f} "
-                  f"{rec['pipelined_ms']:>9.3f} {rec['model_tflops']:>8.1f} {mem / 1e9 if mem else float('nan'):>7.2f}",
+                  f"{rec['pipelined_ms']:>9.3f} {rec['model_tflops']:>8.1f} "
+                  f"{mem / 1e9 if mem else float('nan'):>7.2f}",
                   flush=True)
           else:
             print(f"{n:>8} {causal!s:>6} {mode:>6} {impl:>13} "

@@ -121,9 +121,8 @@ def _perms(codes, rows, num_projs: int):
   else:
     key_type = jnp.uint16 if key_bits <= 16 else jnp.uint32
     keys, index = [], []
-    for c, first in zip(padded, itertools.accumulate([0] + counts)):
-      segment = first + jnp.arange(math.prod(c.shape[:-1]), dtype=jnp.uint32)
-      segment = segment.reshape(c.shape[:-1] + (1,))
+    for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
+      segment = (first + jnp.arange(count, dtype=jnp.uint32)).reshape(c.shape[:-1] + (1,))
       keys.append(((segment << code_bits) | c.astype(jnp.uint32)).astype(key_type).reshape(-1))
       index.append(jax.lax.broadcasted_iota(jnp.uint32, c.shape, c.ndim - 1).reshape(-1))
     _, index = jax.lax.sort((jnp.concatenate(keys), jnp.concatenate(index)), num_keys=1,
@@ -177,13 +176,13 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
                log_weight, tau_rows)
 
 
-def _stage_arrays(q, k, v, plan: _Plan, window: RowWindow, log_weight=None):
+def _stage_arrays(q, k, v, plan: _Plan, window: RowWindow):
   """The blocked stage's array arguments (``blocked.blocked_attention``) for the plan's problems:
   q/k/v ``[P, R, ., H]``, the permutations, the samples' rows of k and v gathered ``[P, Nkv, m,
-  H]``, their positions, the valid key counts and ``log_weight`` (default: the plan's)."""
+  H]``, their positions, the valid key counts and the log-weights (last)."""
   samples = lambda x: grouped_rows(x, plan.samp_rows[:, :, None], window.k_offset)[:, :, 0]
   return (q, k, v, plan.q_perm, plan.k_perm, samples(k), samples(v), plan.samp_pos, plan.n_valid,
-          plan.log_weight if log_weight is None else log_weight)
+          plan.log_weight)
 
 
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
@@ -220,8 +219,8 @@ def _attend_blocks(q, k, v, plan: _Plan, config: HyperAttentionConfig, scale, im
   output is rescaled to that normaliser (the clamp adds mass with value 0).
   """
   bs = config.block_size
-  stage = lambda w: blocked_attention(*_stage_arrays(q, k, v, plan, window, w), scale, bs, window,
-                                      implementation)
+  arrays = _stage_arrays(q, k, v, plan, window)[:-1]  # all but the log-weights
+  stage = lambda w: blocked_attention(*arrays, w, scale, bs, window, implementation)
   out, lse = stage(plan.log_weight)
   if config.normalizer == "merged":
     return out, lse

@@ -434,7 +434,8 @@ def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, runnin
     out_specs = [_WHOLE] * len(running)
     out_specs, out_shape = (out_specs[0], out_shape[0]) if single else (out_specs, out_shape)
   return pl.pallas_call(
-      kernel, grid=tuple(reversed(grid)), in_specs=list(in_specs) + [_WHOLE] * len(running), out_specs=out_specs,
+      kernel, grid=tuple(reversed(grid)), in_specs=list(in_specs) + [_WHOLE] * len(running),
+      out_specs=out_specs,
       out_shape=out_shape,
       input_output_aliases={n_in - len(running) + i: i for i in range(len(running))},
       compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
