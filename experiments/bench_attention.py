@@ -202,7 +202,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
 
     def sort_sample(kk, vv, qc, kc):
       q_perm, k_perm = hyper_lib._perms(  # pylint: disable=protected-access
-          (qc, kc), (nb * qb, nb * bs), config.lsh_num_projs)
+          (qc, kc), (nb * qb, nb * bs), config.lsh_num_projs, masked=False)
       pos, lw = lsh.draw_samples(rng, "uniform", jnp.zeros((b, kh, nb * bs, 1)), n_valid, m)
       samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
       take = lambda x: blocked_lib.grouped_rows(x, samp_rows, window.k_offset)[:, :, 0]

@@ -99,38 +99,59 @@ def _sort_keys(q, k, key_mask, projections):
   return q_code, k_code
 
 
-def _perms(codes, rows, num_projs: int):
-  """Stage 1b: for each sort-key array ``codes[i]`` ``[..., n_i]``, the stable sort of its rows
-  by key, as local row indices ``[..., rows[i]]`` int32, padded to ``rows[i]`` (padding sorts
-  last and is -1).
+_MAX_SORTS = 16  # 16-bit sorts of one call/level before one 32-bit sort is cheaper
 
-  All arrays are one flat sort on GPU (one radix sort: a batched sort is cub's segmented radix
-  sort there, several times slower at few long rows): the key of a row is (segment, sort key),
-  segment = its leading position (batch, head, ...) numbered across the arrays, in the
-  narrowest unsigned type that holds it (16 bits: two radix passes), and the row index rides
-  along as the value; the radix sort is stable, so ties keep rows ascending. Where the key
-  needs more than 32 bits, a stable argsort per array.
+
+def _perms(codes, rows, num_projs: int, masked: bool):
+  """Stage 1b: for each sort-key array ``codes[i]`` ``[..., n_i]`` (values below ``2**num_projs``,
+  or equal to it on masked keys where ``masked``), the stable sort of its rows by key, as local
+  row indices ``[..., rows[i]]`` int32, padded to ``rows[i]`` (padding sorts last and is -1).
+
+  On GPU a batched sort is cub's segmented radix sort, several times slower at few long rows,
+  so the arrays are flattened, concatenated and radix-sorted with the row index riding along
+  as the value: the key of a row is (segment, sort key), segment = its leading position (batch,
+  head, ...) numbered across the arrays. 16-bit keys take two radix passes, 32-bit ones four:
+  the segments are cut into consecutive groups that each fit 16 bits with the code (a group's
+  rows are a contiguous range, sorted in place), as long as that takes at most ``_MAX_SORTS``
+  sorts; else one 32-bit sort, and a stable argsort per array beyond 32 bits. The radix sort
+  is stable, so ties keep rows ascending. The code needs ``num_projs`` bits, one more when
+  masked keys or padding rows carry the invalid code ``2**num_projs``.
   """
-  code_bits = num_projs + 1
   padded = [jnp.pad(c, ((0, 0),) * (c.ndim - 1) + ((0, r - c.shape[-1]),),
                     constant_values=2 ** num_projs) for c, r in zip(codes, rows)]
+  code_bits = num_projs + int(masked or any(r > c.shape[-1] for c, r in zip(codes, rows)))
   counts = [math.prod(c.shape[:-1]) for c in padded]
-  key_bits = (sum(counts) - 1).bit_length() + code_bits
-  if key_bits > 32:
-    perms = [jnp.argsort(c, axis=-1, stable=True).astype(jnp.int32) for c in padded]
+  segments = sum(counts)
+  per_sort16 = 2 ** max(16 - code_bits, 0)
+  if code_bits <= 16 and _cdiv(segments, per_sort16) <= _MAX_SORTS:
+    key_type, per_sort = jnp.uint16, per_sort16
+  elif (segments - 1).bit_length() + code_bits <= 32:
+    key_type, per_sort = jnp.uint32, segments
   else:
-    key_type = jnp.uint16 if key_bits <= 16 else jnp.uint32
-    keys, index = [], []
+    return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(
+        (jnp.argsort(c, axis=-1, stable=True).astype(jnp.int32) for c in padded), codes))
+  keys, index = [], []
+  for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
+    segment = (first + jnp.arange(count, dtype=jnp.uint32)) % per_sort
+    keys.append(((segment.reshape(c.shape[:-1] + (1,)) << code_bits)
+                 | c.astype(jnp.uint32)).astype(key_type).reshape(-1))
+    index.append(jax.lax.broadcasted_iota(jnp.uint32, c.shape, c.ndim - 1).reshape(-1))
+  keys, index = jnp.concatenate(keys), jnp.concatenate(index)
+
+  def flat_start(segment):  # first flat row of a segment (the total size past the last one)
+    start = 0
     for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
-      segment = (first + jnp.arange(count, dtype=jnp.uint32)).reshape(c.shape[:-1] + (1,))
-      keys.append(((segment << code_bits) | c.astype(jnp.uint32)).astype(key_type).reshape(-1))
-      index.append(jax.lax.broadcasted_iota(jnp.uint32, c.shape, c.ndim - 1).reshape(-1))
-    _, index = jax.lax.sort((jnp.concatenate(keys), jnp.concatenate(index)), num_keys=1,
-                            is_stable=True)
-    ends = list(itertools.accumulate(c.size for c in padded))
-    perms = [part.reshape(c.shape).astype(jnp.int32)
-             for part, c in zip(jnp.split(index, ends[:-1]), padded)]
-  return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(perms, codes))
+      if segment < first + count:
+        return start + (segment - first) * c.shape[-1]
+      start += c.size
+    return start
+  bounds = [flat_start(g) for g in range(0, segments, per_sort)] + [keys.size]
+  index = jnp.concatenate([jax.lax.sort((keys[a:b], index[a:b]), num_keys=1, is_stable=True)[1]
+                           for a, b in zip(bounds[:-1], bounds[1:])])
+  ends = list(itertools.accumulate(c.size for c in padded))
+  return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(
+      (part.reshape(c.shape).astype(jnp.int32)
+       for part, c in zip(jnp.split(index, ends[:-1]), padded)), codes))
 
 
 def _rng_streams(rng):
@@ -162,7 +183,8 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
     projections = lsh.draw_projections(proj_rng, kh, q.shape[-1], config.lsh_num_projs)
     codes = _sort_keys(window_rows(q, window.q_offset, tq), window_rows(k, window.k_offset, tk),
                        key_mask, projections)
-  q_perm, k_perm = _perms(codes, (nb * qb, nb * config.block_size), config.lsh_num_projs)
+  q_perm, k_perm = _perms(codes, (nb * qb, nb * config.block_size), config.lsh_num_projs,
+                          masked=key_mask is not None)
 
   # Samples are sorted positions in [0, n_valid): drawn over the valid keys.
   vs = (grouped_rows(v, k_perm[:, :, None], window.k_offset)[:, :, 0]
@@ -409,7 +431,9 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   tp = base * 2 ** levels
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   q, k, v = pad(q), pad(k), pad(v)
-  level_mask = pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask)
+  # No mask where every key is valid: the sort codes then need no bit for masked keys.
+  level_mask = (None if key_mask is None and tp == t
+                else pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask))
 
   # Every query and key is hashed once, with one set of hyperplanes for all levels.
   projections = lsh.draw_projections(_rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
@@ -418,7 +442,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   for d in range(levels):
     parts, window = _level_window(tp, d)
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
-    plans.append(_plan(fold(q), fold(k), fold(v), fold(level_mask)[:, :window.k_len],
+    mask = None if level_mask is None else fold(level_mask)[:, :window.k_len]
+    plans.append(_plan(fold(q), fold(k), fold(v), mask,
                        jax.random.fold_in(rng, d), config, window,
                        level_codes(q_code, k_code, parts)))
   # Padding keys lie after every real query, so without a key mask the causal mask alone

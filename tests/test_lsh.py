@@ -62,18 +62,39 @@ def test_samples_cover_only_valid_positions(seed):
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
 
 
-# One flat sort with 16-bit / 32-bit (segment, key) keys / a stable argsort per array
-@pytest.mark.parametrize("num_projs", [3, 12, 29])
-def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs):
+def _sort_key_types(jaxpr):
+  """The first operand's dtype of every sort in a jaxpr, nested calls included."""
+  types = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "sort":
+      types.append(str(eqn.invars[0].aval.dtype))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        types += _sort_key_types(inner)
+  return types
+
+
+# Flat radix sorts of (segment, key): one or several 16-bit sorts (groups of segments that span
+# the two arrays), one 32-bit sort, or a stable argsort per array; with and without the code's
+# extra bit for masked keys and padding rows.
+@pytest.mark.parametrize("num_projs,masked,rows,sorts,key_type", [
+    (3, True, (64, 48), 1, "uint16"), (12, True, (64, 48), 3, "uint16"),
+    (13, False, (50, 45), 3, "uint16"), (16, True, (64, 48), 1, "uint32"),
+    (29, True, (64, 48), 2, "int32")])
+def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs, masked, rows, sorts,
+                                                      key_type):
   rng = np.random.default_rng(seed)
-  codes = [rng.integers(0, 2 ** num_projs + 1, size=shape).astype(np.int32)
+  codes = [rng.integers(0, 2 ** num_projs + int(masked), size=shape).astype(np.int32)
            for shape in ((2, 3, 2, 50), (2, 3, 45))]
   for code in codes:
     code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
-  perms = _perms([jnp.asarray(c) for c in codes], (64, 48), num_projs)
-  for code, perm, rows in zip(codes, perms, (64, 48)):
+  fn = lambda *c: _perms(c, rows, num_projs, masked)
+  assert _sort_key_types(jax.make_jaxpr(fn)(*codes).jaxpr) == [key_type] * sorts
+  perms = jax.jit(fn)(*codes)
+  for code, perm, r in zip(codes, perms, rows):
     n = code.shape[-1]
-    assert perm.shape == code.shape[:-1] + (rows,) and perm.dtype == jnp.int32
+    assert perm.shape == code.shape[:-1] + (r,) and perm.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(perm)[..., :n], np.argsort(code, axis=-1,
                                                                         kind="stable"))
     assert np.all(np.asarray(perm)[..., n:] == -1)
