@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hyperattn_jax.reference import reference_hyper_attention
+
 
 @pytest.fixture(autouse=True)
 def _exact_fp32_matmuls():
@@ -36,3 +38,7 @@ def rel_err(x, ref):
   x = np.asarray(x, np.float64)
   ref = np.asarray(ref, np.float64)
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# The dense oracle, compiled (eager, its per-level gathers dominate the suite's time).
+jit_reference = jax.jit(reference_hyper_attention, static_argnames=("causal", "config", "scale"))

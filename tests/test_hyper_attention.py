@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_qkv, rel_err
+from conftest import jit_reference, make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 
@@ -69,7 +69,7 @@ def test_matches_dense_reference_fp32(seed, case):
   q, k, v = make_qkv(seed, b, tq, tk, nq, nkv, h)
   rng = jax.random.key(seed + 7)
   out, lse = hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL, return_lse=True)
-  ref_out, ref_lse = reference_hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL)
+  ref_out, ref_lse = jit_reference(q, k, v, rng=rng, causal=causal, config=SMALL)
   assert out.shape == q.shape and lse.shape == (b, nq, tq) and lse.dtype == jnp.float32
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -84,7 +84,7 @@ def test_matches_reference_low_precision(seed, dtype, tol, causal):
   rng = jax.random.key(seed)
   out = hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL)
   assert out.dtype == dtype
-  ref = reference_hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL)[0]
+  ref = jit_reference(q, k, v, rng=rng, causal=causal, config=SMALL)[0]
   assert rel_err(out, ref) < tol
 
 
@@ -94,7 +94,7 @@ def test_key_mask_and_lengths(seed, causal):
   mask = jax.random.uniform(jax.random.key(seed + 3), (2, 260)) > 0.4
   rng = jax.random.key(seed)
   out = hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL, key_mask=mask)
-  ref = reference_hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL, key_mask=mask)
+  ref = jit_reference(q, k, v, rng=rng, causal=causal, config=SMALL, key_mask=mask)
   np.testing.assert_allclose(out, ref[0], atol=1e-5, rtol=1e-5)
   # Masked keys get no weight: changing them changes nothing.
   k2 = jnp.where(mask[:, :, None, None], k, 100.0)

@@ -298,15 +298,15 @@ def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
   fast = lambda q, k, v, k_s, v_s, log_w: blocked_attention(
       q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, 0.35, 16, window, implementation)
   plain = _xla_stage(args, 0.35, 16, window)
-  g = jax.grad(functools.partial(loss, fast), argnums=tuple(range(6)))(*diff)
-  g_ref = jax.grad(functools.partial(loss, plain), argnums=tuple(range(6)))(*diff)
-  for a, b in zip(g, g_ref):
+  grads = lambda stage: jax.jit(jax.grad(functools.partial(loss, stage),
+                                          argnums=tuple(range(6))))(*diff)
+  for a, b in zip(grads(fast), grads(plain)):
     assert rel_err(a, b) < 1e-5
   if implementation == "pallas":
     return  # float32 kernels; the float64 finite-difference check runs on the XLA recompute
   with jax.enable_x64(True):  # finite differences need float64 to resolve the gradient
     diff64 = [x.astype(jnp.float64) for x in diff]
-    check_grads(lambda *x: loss(fast, *x), diff64, order=1, modes=("rev",), atol=1e-5,
+    check_grads(jax.jit(lambda *x: loss(fast, *x)), diff64, order=1, modes=("rev",), atol=1e-5,
                 rtol=1e-5)
 
 
