@@ -45,6 +45,7 @@ from hyperattn_jax import hyper as hyper_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
 from hyperattn_jax import merge as merge_lib  # noqa: E402
 from hyperattn_jax.blocked import RowWindow  # noqa: E402
+from hyperattn_jax.folding import embed_rows  # noqa: E402
 from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
 import pallas_kernels  # noqa: E402
 
@@ -231,10 +232,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
         try:
           out, lse = fwd(*args)
           res[name]["fwd_ms"] = _median_ms(fwd, *args)[0]
-          def in_q_rows(x, axis):  # the window's rows placed in q's rows
-            after = qq.shape[1] - window.q_offset - x.shape[axis]
-            return jnp.pad(x, [(0, 0)] * axis + [(window.q_offset, after)] +
-                           [(0, 0)] * (x.ndim - axis - 1))
+          in_q_rows = lambda x, axis: embed_rows(x, window.q_offset, qq.shape[1], axis)
           stats = (in_q_rows(out, 1), in_q_rows(lse, 2),  # d_out = out, no d_lse
                    in_q_rows(merge_lib.output_delta(out, out), 2))
           res[name]["bwd_ms"] = _median_ms(bwd, *args, *stats)[0]

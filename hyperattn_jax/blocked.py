@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax.folding import add_grads, merge_rows
+from hyperattn_jax.folding import add_grads, embed_rows, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 
 __all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
@@ -209,13 +209,6 @@ def _sorted_inputs(q, k, v, q_perm, k_perm, window):
           grouped_rows(v, kp, window.k_offset)[:, :, 0])
 
 
-def _embed(d, window_offset, rows):
-  """A window's rows ``[P, len, ...]`` placed at ``window_offset`` of ``[P, rows, ...]`` (zeros
-  elsewhere; no copy when the window is every row)."""
-  after = rows - window_offset - d.shape[1]
-  return jnp.pad(d, ((0, 0), (window_offset, after)) + ((0, 0),) * (d.ndim - 2))
-
-
 def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                           scale: float, block_size: int, window: RowWindow, implementation: str,
                           into=None):
@@ -309,16 +302,16 @@ def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
   *inputs, out, lse = res
   q, k, v, _, _, k_samp, v_samp, _, _, log_weight = inputs
   d_out, d_lse = cotangents
-  in_q_rows = lambda x: _embed(x, window.q_offset, q.shape[1])            # window -> q's rows
-  stats_in_q_rows = lambda x: jnp.swapaxes(in_q_rows(jnp.swapaxes(x, 1, 2)), 1, 2)
+  in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1])        # window -> q's rows
+  stats_in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1], axis=2)
   dq, dk, dv, dks, dvs, dw = blocked_attention_bwd(
       *inputs, in_q_rows(d_out), stats_in_q_rows(lse),
       stats_in_q_rows(output_delta(out, d_out, d_lse)), scale, block_size, window,
       implementation)
   cast = lambda d, x: d.astype(x.dtype)
-  return (cast(_embed(dq, window.q_offset, q.shape[1]), q),
-          cast(_embed(dk, window.k_offset, k.shape[1]), k),
-          cast(_embed(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
+  return (cast(in_q_rows(dq), q),
+          cast(embed_rows(dk, window.k_offset, k.shape[1]), k),
+          cast(embed_rows(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
           cast(dvs, v_samp), None, None, cast(dw, log_weight))
 
 

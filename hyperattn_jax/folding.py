@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from hyperattn_jax.merge import merge_attention
 
-__all__ = ["fold_rows", "fold_stats", "unfold_stats", "merge_rows", "add_rows", "add_grads",
-           "add_key_rows"]
+__all__ = ["fold_rows", "fold_stats", "unfold_stats", "embed_rows", "merge_rows", "add_rows",
+           "add_grads", "add_key_rows"]
 
 
 def fold_rows(x, parts: int):
@@ -68,6 +68,15 @@ def add_grads(running, grads, q_start: int, k_start: int):
   ``[q_start, q_start + q_len)`` and key rows ``[k_start, k_start + k_len)`` of each problem."""
   return tuple(add_rows(acc, g, start)
                for acc, g, start in zip(running, grads, (q_start, k_start, k_start)))
+
+
+def embed_rows(x, offset: int, rows: int, axis: int = 1, fill=0):
+  """A window's values ``x`` placed at ``offset`` of ``rows`` rows along ``axis`` (e.g. a level's
+  query rows ``[P, len, ...]`` in q's rows ``[P, rows, ...]``), ``fill`` elsewhere; no copy when
+  the window is every row."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (offset, rows - offset - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=fill)
 
 
 def merge_rows(running, out, lse, start: int):

@@ -14,7 +14,7 @@ from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.exact import flash_attention, kernel_backward
-from hyperattn_jax.folding import fold_rows, fold_stats, unfold_stats
+from hyperattn_jax.folding import embed_rows, fold_rows, fold_stats, unfold_stats
 from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
@@ -134,7 +134,7 @@ def test_every_output_element_is_written(seed):
                                    block_k=16) +
           flash_attention_pallas(q, k, v, mask, True, 0.2, block_q=32, block_k=16))
   d_out = jnp.ones_like(outs[0])
-  rows = lambda x, axis: _in_rows(x, window.q_offset, args[0].shape[1], axis)
+  rows = lambda x, axis: embed_rows(x, window.q_offset, args[0].shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(*args, rows(d_out, 1), rows(outs[1], 2),
                                        rows(output_delta(outs[0], d_out), 2), scale=0.2,
                                        block_size=32, window=window, block_q=16, block_k=16,
@@ -170,14 +170,6 @@ def _random_prior(seed, out, lse):
           prior_lse.at[..., :5].set(-jnp.inf))
 
 
-def _in_rows(x, offset, rows, axis):
-  """Window values placed at ``offset`` of ``rows`` rows along ``axis``, NaN elsewhere (the
-  kernels must read only the window's rows)."""
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (offset, rows - offset - x.shape[axis])
-  return jnp.pad(x.astype(jnp.float32), widths, constant_values=jnp.nan).astype(x.dtype)
-
-
 @pytest.mark.parametrize("shape,dtype,tol,sort_in_kernel",
                          [(s, d, 1e-5 if d == jnp.float32 else 2e-2, True)
                           for s, d, _ in BLOCKED_CASES] + [(BLOCKED[2], jnp.float32, 1e-5, False)])
@@ -198,7 +190,7 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
   ref[0] = ref[0][:, window.q_offset:window.q_offset + q_len]
   ref[1] = ref[1][:, window.k_offset:window.k_offset + k_len]
   ref[2] = ref[2][:, window.k_offset:window.k_offset + k_len]
-  rows = lambda x, axis: _in_rows(x, window.q_offset, q.shape[1], axis)
+  rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(
       *args, rows(d_out, 1), rows(lse, 2), rows(output_delta(out, d_out, d_lse), 2),
       scale=scale, block_size=bs, window=window, sort_in_kernel=sort_in_kernel, block_q=16,
