@@ -126,12 +126,18 @@ def _perms(codes, rows, num_projs: int, masked: bool):
   segments = sum(counts)
   per_sort16 = 2 ** max(16 - code_bits, 0)
   if code_bits <= 16 and _cdiv(segments, per_sort16) <= _MAX_SORTS:
-    key_type, per_sort = jnp.uint16, per_sort16
+    perms = _radix_perms(padded, counts, code_bits, jnp.uint16, per_sort16)
   elif (segments - 1).bit_length() + code_bits <= 32:
-    key_type, per_sort = jnp.uint32, segments
+    perms = _radix_perms(padded, counts, code_bits, jnp.uint32, segments)
   else:
-    return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(
-        (jnp.argsort(c, axis=-1, stable=True).astype(jnp.int32) for c in padded), codes))
+    perms = [jnp.argsort(c, axis=-1, stable=True).astype(jnp.int32) for c in padded]
+  return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(perms, codes))
+
+
+def _radix_perms(padded, counts, code_bits: int, key_type, per_sort: int):
+  """The (segment, code) radix sorts of :func:`_perms`: segments numbered across the arrays,
+  ``per_sort`` consecutive ones per sort (keys relative to the group); the sorted row indices
+  of each array ``[..., rows]`` int32."""
   keys, index = [], []
   for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
     segment = (first + jnp.arange(count, dtype=jnp.uint32)) % per_sort
@@ -140,20 +146,19 @@ def _perms(codes, rows, num_projs: int, masked: bool):
     index.append(jax.lax.broadcasted_iota(jnp.uint32, c.shape, c.ndim - 1).reshape(-1))
   keys, index = jnp.concatenate(keys), jnp.concatenate(index)
 
-  def flat_start(segment):  # first flat row of a segment (the total size past the last one)
+  def flat_start(segment):  # first flat row of a segment
     start = 0
     for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
       if segment < first + count:
         return start + (segment - first) * c.shape[-1]
       start += c.size
     return start
-  bounds = [flat_start(g) for g in range(0, segments, per_sort)] + [keys.size]
+  bounds = [flat_start(g) for g in range(0, sum(counts), per_sort)] + [keys.size]
   index = jnp.concatenate([jax.lax.sort((keys[a:b], index[a:b]), num_keys=1, is_stable=True)[1]
                            for a, b in zip(bounds[:-1], bounds[1:])])
   ends = list(itertools.accumulate(c.size for c in padded))
-  return tuple(jnp.where(p < c.shape[-1], p, -1) for p, c in zip(
-      (part.reshape(c.shape).astype(jnp.int32)
-       for part, c in zip(jnp.split(index, ends[:-1]), padded)), codes))
+  return [part.reshape(c.shape).astype(jnp.int32)
+          for part, c in zip(jnp.split(index, ends[:-1]), padded)]
 
 
 def _rng_streams(rng):
