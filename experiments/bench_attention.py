@@ -241,8 +241,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     return res
 
   if not causal:
-    return {"noncausal": {**hashed, **noncausal_stages(q, k, v, RowWindow(0, n, 0, n),
-                                                       (q_code, k_code))}}
+    return {"noncausal": {**hashed, **noncausal_stages(
+        q, k, v, RowWindow(0, n, 0, n, all_keys_valid=True), (q_code, k_code))}}
   levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
   b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
@@ -259,7 +259,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
-    level = noncausal_stages(pairs(q), pairs(k), pairs(v), RowWindow(half, half, 0, half),
+    level = noncausal_stages(pairs(q), pairs(k), pairs(v),
+                             RowWindow(half, half, 0, half, all_keys_valid=True),
                              hyper_lib.level_codes(q_code, k_code, parts))
     lse = jnp.zeros((b * parts, nq, half), jnp.float32)
     qd = pairs(q)[:, half:]

@@ -89,7 +89,8 @@ def _blocked_inputs(rng):
   k_s = blocked_lib.grouped_rows(k, rows)[:, :, 0]
   v_s = blocked_lib.grouped_rows(v, rows)[:, :, 0]
   log_w = jnp.broadcast_to(jnp.log(n_valid.astype(jnp.float32) / m)[:, None, None], pos.shape)
-  kw = dict(scale=d ** -0.5, block_size=bs, window=blocked_lib.RowWindow(0, n, 0, n))
+  kw = dict(scale=d ** -0.5, block_size=bs,
+            window=blocked_lib.RowWindow(0, n, 0, n, all_keys_valid=True))
   return (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w), kw
 
 

@@ -146,11 +146,16 @@ def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_
 class RowWindow(NamedTuple):
   """Where one problem's rows lie (static): its queries are rows ``[q_offset, q_offset + q_len)``
   of q, its keys rows ``[k_offset, k_offset + k_len)`` of k/v (a causal level's quadrants are
-  windows of the same arrays, so no sliced copies are made)."""
+  windows of the same arrays, so no sliced copies are made).
+
+  ``all_keys_valid``: every key of the window is valid (no key mask, ``n_valid == k_len``), a
+  static promise of the caller: the Pallas kernels then add no per-key bias where the blocks
+  are also full (the XLA path masks by ``n_valid`` regardless)."""
   q_offset: int
   q_len: int
   k_offset: int
   k_len: int
+  all_keys_valid: bool = False
 
 
 def _row_index(perm):

@@ -271,7 +271,7 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
                      implementation):
   """Approximate attention of every query over every key: q ``[B, Tq, Nq, H]``, k/v ``[B, Tk,
   Nkv, H]``, key_mask ``[B, Tk]`` or None -> out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``."""
-  window = RowWindow(0, q.shape[1], 0, k.shape[1])
+  window = RowWindow(0, q.shape[1], 0, k.shape[1], all_keys_valid=key_mask is None)
   plan = _plan(q, k, v, key_mask, rng, config, window)
   return _attend_blocks(q, k, v, plan, config, scale, implementation, window)
 
@@ -308,12 +308,12 @@ def level_codes(q_code, k_code, parts: int):
           fold_parts(_split_halves(k_code, parts, k_code.ndim - 1)[0]))
 
 
-def _level_window(t: int, d: int) -> tuple[int, RowWindow]:
+def _level_window(t: int, d: int, all_keys_valid: bool) -> tuple[int, RowWindow]:
   """Level ``d`` of a padded length ``t``: ``2**d`` pairs of halves; each quadrant's queries
   are rows ``[half, 2 half)`` of its pair, its keys rows ``[0, half)``."""
   parts = 2 ** d
   half = t // (2 * parts)
-  return parts, RowWindow(half, half, 0, half)
+  return parts, RowWindow(half, half, 0, half, all_keys_valid)
 
 
 class _Recursion(NamedTuple):
@@ -322,6 +322,7 @@ class _Recursion(NamedTuple):
   scale: float
   implementation: str
   lse_cotangent: bool
+  all_keys_valid: bool  # no key mask and no padding: the levels' windows promise valid keys
 
 
 def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
@@ -340,7 +341,7 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
                             _exact_implementation(q, base_mask, rec.implementation))
   running = (out.reshape(q.shape), unfold_stats(lse, parts))
   for d, plan in enumerate(plans):
-    parts, window = _level_window(q.shape[1], d)
+    parts, window = _level_window(q.shape[1], d, rec.all_keys_valid)
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     if rec.config.normalizer == "merged":  # the blocked kernel merges into the running result
       running = blocked_attention_fwd(*_stage_arrays(fold(q), fold(k), fold(v), plan, window),
@@ -417,7 +418,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
   delta = output_delta(out, d_out, d_lse)
   d_plans = []
   for d, plan in enumerate(plans):
-    parts, window = _level_window(t, d)
+    parts, window = _level_window(t, d, rec.all_keys_valid)
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     dq, dk, dv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
                                             fold_stats(lse, parts), fold_stats(delta, parts),
@@ -447,7 +448,7 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   q_code, k_code = _sort_keys(q, k, level_mask, projections)
   plans = []
   for d in range(levels):
-    parts, window = _level_window(tp, d)
+    parts, window = _level_window(tp, d, level_mask is None)
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     mask = None if level_mask is None else fold(level_mask)[:, :window.k_len]
     plans.append(_plan(fold(q), fold(k), fold(v), mask,
@@ -457,7 +458,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   # excludes them from the base case (which lets cuDNN run it).
   base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
   out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
-                               _Recursion(config, scale, implementation, lse_cotangent))
+                               _Recursion(config, scale, implementation, lse_cotangent,
+                                          all_keys_valid=level_mask is None))
   return out[:, :t], lse[..., :t]
 
 

@@ -36,18 +36,21 @@ writes the merged rows back; dq and the own keys' dk/dv add into the running gra
 The running arrays are aliased inputs/outputs (``input_output_aliases``: updated in place, no
 merge or scatter pass); each program owns its rows, so there are no races.
 
-Scores are kept in base-2 units inside the kernels: ``s = q k^T (scale log2 e) + bias log2 e``,
+Scores are kept in base-2 units inside the kernels: ``s = q k^T (scale log2 e) + bias``,
 probabilities ``exp2(s - m)`` (one multiply-add and one ``ex2`` per score instead of the longer
-``expf`` sequence); lse is converted at the boundary (natural log outside).
+``expf`` sequence). The per-key biases and the backward's lse input arrive in base-2 units
+(scaled by XLA outside); the forward's lse is converted back at the boundary (natural log
+outside, the running lse too).
 
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
-mask tensor of size ``q x k`` exists. GQA: the group axis is a grid axis (forward, dq) or a loop
+mask tensor of size ``q x k`` exists; where the window promises that every key is valid
+(``RowWindow.all_keys_valid``) and the blocks are full, there is no bias row at all. GQA: the group axis is a grid axis (forward, dq) or a loop
 (dk/dv) over programs reading the same K/V rows (no repetition in HBM).
 
 Small per-call arrays (padded per block to whole tiles): key_bias ``[P, 1 or Nkv, nb * bs_p]``,
 q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples k/v
 ``[P*Nkv, m_p, H]``, sample_block ``[P*Nkv, m_p]`` int32 (-1 = padding), sample_bias
-``[P*Nkv, m_p]`` f32.
+``[P*Nkv, m_p]`` f32 (the log-weights times log2 e).
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class _Geometry(NamedTuple):
   num_warps: int
   num_stages: int
   accumulate: bool = False  # results go into the rows of running arrays (``into=``)
+  key_bias: bool = True  # a per-key bias row (0 / -inf) masks invalid keys; False: all valid
   lse_parts: int = 1    # running lse ``[P / lse_parts, N, lse_parts, rows]`` (problem p = its
                         # batch row p // lse_parts, row group p % lse_parts)
 
@@ -205,14 +209,17 @@ class _Refs(NamedTuple):
   """The kernel's inputs beyond its row arrays: keys and (optional) permutations, samples."""
   k: object
   v: object
-  bias: object
+  bias: object      # or None (``geo.key_bias`` False: every key valid)
   q_perm: object
   k_perm: object
   samples: object   # (k, v, bias, block) or None
 
 
 def _split_refs(refs, geo, has_samples):
-  k, v, bias, *refs = refs
+  k, v, *refs = refs
+  bias = None
+  if geo.key_bias:
+    bias, *refs = refs
   q_perm = k_perm = None
   if geo.sorted:
     q_perm, k_perm, *refs = refs
@@ -236,7 +243,9 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     sl = pl.ds(j * bk, bk)
     keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, block, j)
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
-    s = _dot(q, k, trans_b=True) * scale2 + refs.bias[sl][None, :] * _LOG2E
+    s = _dot(q, k, trans_b=True) * scale2
+    if geo.key_bias:
+      s = s + refs.bias[sl][None, :]
     if masked:
       s = _causal(s, row0, j * bk)
     return step(carry, s, k, _load_rows(refs.v, p, keys, kv, geo.k_offset))
@@ -256,7 +265,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     def sample_chunk(j, carry):
       sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
-      s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :] * _LOG2E
+      s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :]
       s = jnp.where(sblk_ref[sl][None, :] == block, _NEG_INF, s)
       return step(carry, s, k, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
@@ -317,7 +326,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-  lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset) * _LOG2E
+  lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
   delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
 
   def step(dq, s, k, v):
@@ -354,8 +363,8 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     keys = _chunk_keys(geo, refs.k_perm[...] if geo.sorted else None, first_block, chunk)
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
     v = _load_rows(refs.v, p, keys, kv, geo.k_offset)
-    bias = refs.bias[...]
-  bias, scale2 = bias * _LOG2E, scale * _LOG2E
+    bias = refs.bias[...] if geo.key_bias else None
+  scale2 = scale * _LOG2E
   tpb, bq = geo.tiles_per_block, geo.block_q
 
   def query_tile(t, carry, g, masked):
@@ -369,9 +378,11 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
                       tile)
     q = _load_rows(q_ref, p, rows, head, geo.q_offset)
     do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-    lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset) * _LOG2E
+    lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
     delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
-    s = _dot(k, q, trans_b=True) * scale2 + bias[:, None]              # [block_k, block_q]
+    s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
+    if bias is not None:
+      s = s + bias[:, None]
     if samples:
       s = jnp.where(sblk_ref[...][:, None] == block, _NEG_INF, s)
     if masked:  # keys on the rows, queries on the columns
@@ -462,10 +473,13 @@ def _bias_head(x: _Inputs, geo):
 
 
 def _key_inputs(x: _Inputs, geo):
-  """Specs on the (bkv, tile, group head) grid and arrays of (k, v, bias[, perms][, samples])."""
+  """Specs on the (bkv, tile, group head) grid and arrays of (k, v[, bias][, perms][,
+  samples])."""
   nkv, bs_p, tpb = geo.kv_heads, geo.chunks_per_block * geo.block_k, geo.tiles_per_block
-  kvb = _bias_head(x, geo)
-  specs = [_WHOLE, _WHOLE, _spec((None, None, bs_p), lambda i, t, g: (i // nkv, kvb(i), t // tpb))]
+  specs = [_WHOLE, _WHOLE]
+  if geo.key_bias:
+    kvb = _bias_head(x, geo)
+    specs.append(_spec((None, None, bs_p), lambda i, t, g: (i // nkv, kvb(i), t // tpb)))
   if geo.sorted:
     specs += [_spec((None, None, None, geo.block_q), lambda i, t, g: (i // nkv, i % nkv, g, t)),
               _spec((None, None, bs_p), lambda i, t, g: (i // nkv, i % nkv, t // tpb))]
@@ -473,7 +487,7 @@ def _key_inputs(x: _Inputs, geo):
     m_p = x.samples[0].shape[1]
     specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
     specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
-  return specs, (x.k, x.v, x.bias) + x.perms + x.samples
+  return specs, (x.k, x.v) + (x.bias,) * geo.key_bias + x.perms + x.samples
 
 
 def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
@@ -498,7 +512,8 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
   With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the gradients
   added to the window's rows instead.
 
-  do like q; lse (``+inf`` on rows without keys) and delta ``[P, N, Rq]`` f32 (q's rows).
+  do like q; lse (base-2 units, ``+inf`` on rows without keys: ``_lse_base2``) and delta
+  ``[P, N, Rq]`` f32 (q's rows).
   """
   p, _, n, h = x.q.shape
   nkv, bq, bk = geo.kv_heads, geo.block_q, geo.block_k
@@ -513,18 +528,17 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       "hyperattn_block_attention_dq", running[:1])(*rows_in, *arrays, *running[:1])
 
   qb_p = geo.tiles_per_block * bq
-  kvb = _bias_head(x, geo)
 
   def dkdv(samples_mode, blocks_per_program, grid, running=()):
     # Specs on the grid (bkv, c, s): own keys have c = key chunk (s absent), samples have
-    # c = group of blocks and s = sample chunk.
-    in_specs = [_WHOLE] * 4
-    if samples_mode:
-      bias_spec = _spec((None, None, bk), lambda i, c, s: (i // nkv, kvb(i), 0))
-    else:
-      bias_spec = _spec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c))
-    in_specs += [_WHOLE, _WHOLE, bias_spec]
-    arrays = [x.k, x.v, x.bias]
+    # c = group of blocks and s = sample chunk (their bias is the samples' own).
+    kgeo = geo._replace(key_bias=geo.key_bias and not samples_mode)
+    in_specs = [_WHOLE] * 6
+    arrays = [x.k, x.v]
+    if kgeo.key_bias:
+      kvb = _bias_head(x, geo)
+      in_specs.append(_spec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c)))
+      arrays.append(x.bias)
     if geo.sorted:
       rows = blocks_per_program * qb_p
       if samples_mode:
@@ -550,9 +564,9 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     else:
       out_specs = [_WHOLE, _WHOLE]
       out_shape = [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
-    kernel = functools.partial(_dkdv_kernel, geo=geo, scale=scale,
+    kernel = functools.partial(_dkdv_kernel, geo=kgeo, scale=scale,
                                blocks_per_program=blocks_per_program, samples=samples_mode)
-    return _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape,
+    return _pallas_call(kernel, kgeo, grid, in_specs, out_specs, out_shape,
                         "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
 
   # dk, dv of each block's own keys: program (bkv, key chunk) over its block's query rows.
@@ -624,12 +638,16 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
                           (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
   samp = lambda x: _pad_to(_pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
   s_blk = _pad_to((samp_pos // block_size).reshape(p * kh, m), 1, m_p, -1).astype(jnp.int32)
-  s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m), 1, m_p, _NEG_INF)
+  s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
+                   _NEG_INF)
   samples = (samp(k_samp), samp(v_samp), s_bias, s_blk)
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
-                num_stages=num_stages)
+                num_stages=num_stages,
+                # Full blocks of valid keys need no bias row (nor its add per score).
+                key_bias=not (window.all_keys_valid and bs_p == block_size
+                              and nb * block_size == window.k_len))
   k_perm_g = k_perm[:, :, None]
   if sort_in_kernel:
     perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
@@ -731,7 +749,7 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
     running, geo = tuple(fold_rows(x, parts) for x in into), geo._replace(accumulate=True)
   (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, (dks, dvs, dw) = _tile_backward(
-      lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_empty_rows_inf(lse)),
+      lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_lse_base2(lse)),
       lay.to_stats(delta.astype(jnp.float32)), scale=scale,
       sample_groups=_sample_groups(geo.num_blocks, max(1, sample_groups // q.shape[0])),
       running=running)
@@ -747,9 +765,10 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   return (dq, dk, dv, *samples)
 
 
-def _empty_rows_inf(lse):
-  """lse with ``+inf`` on rows without keys (so that their probabilities are 0)."""
-  return jnp.where(lse == _NEG_INF, jnp.inf, lse).astype(jnp.float32)
+def _lse_base2(lse):
+  """The kernels' lse input: in base-2 units, ``+inf`` on rows without keys (so that their
+  probabilities are 0)."""
+  return jnp.where(lse == _NEG_INF, jnp.inf, lse.astype(jnp.float32) * _LOG2E)
 
 
 def _flash_inputs(q, k, v, key_mask, causal, *, block_q, block_k, num_warps, num_stages):
@@ -787,7 +806,7 @@ def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal
                          **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   delta = output_delta(out, d_out, d_lse).astype(jnp.float32)
   (d_out,) = _pad_head_dim(d_out)
-  dq, dk, dv, _ = _tile_backward(x, geo, d_out, _empty_rows_inf(lse), delta, scale=scale,
+  dq, dk, dv, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta, scale=scale,
                                  sample_groups=1)
   h = q.shape[-1]
   return dq[..., :h], dk[..., :h], dv[..., :h]

@@ -17,6 +17,7 @@ from hyperattn_jax.exact import flash_attention, kernel_backward
 from hyperattn_jax.folding import embed_rows, fold_rows, fold_stats, unfold_stats
 from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
+from pallas_kernels import block_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
                             flash_attention_bwd_pallas, flash_attention_pallas)
 
@@ -24,10 +25,12 @@ from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pall
 def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_len,
                     offsets=(3, 5)):
   """Public-layout rows with the problem's window at ``offsets``; random permutations (key
-  padding sorted last, as sortLSH does) and samples drawn over the valid sorted positions."""
+  padding sorted last, as sortLSH does) and samples drawn over the valid sorted positions. The
+  window promises ``all_keys_valid`` where no key is masked (as ``hyper_attention`` does without
+  a key mask)."""
   ks = jax.random.split(jax.random.key(seed), 7)
   q_off, k_off = offsets
-  window = RowWindow(q_off, q_len, k_off, k_len)
+  window = RowWindow(q_off, q_len, k_off, k_len, all_keys_valid=min(n_valid) == k_len)
   q = jax.random.normal(ks[0], (p, q_off + q_len + 2, kh * g, h)).astype(dtype)
   k = jax.random.normal(ks[1], (p, k_off + k_len + 1, kh, h)).astype(dtype)
   v = jax.random.normal(ks[2], (p, k_off + k_len + 1, kh, h)).astype(dtype)
@@ -66,7 +69,7 @@ def _assert_lse_close(lse, ref, atol):
 
 
 BLOCKED = [  # p, kh, g, nb, qb, bs, m, h, n_valid, q_len, k_len
-    (2, 2, 1, 4, 32, 32, 32, 16, [128, 128], 128, 128),
+    (2, 2, 1, 4, 32, 32, 32, 16, [128, 128], 128, 128),  # all keys valid: no key bias row
     (2, 1, 3, 3, 40, 32, 20, 24, [90, 0], 117, 96),   # odd qb, m, head_dim; GQA 3; empty batch
     (1, 2, 2, 2, 70, 64, 48, 32, [100], 139, 110),     # invalid and padding keys in last block
 ]
@@ -98,6 +101,24 @@ def test_blocked_kernel_matches_xla(seed, shape, dtype, atol, sort_in_kernel):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
+
+
+@pytest.mark.parametrize("k_len,key_bias", [(128, False), (120, True)])
+def test_key_bias_only_where_a_block_has_padding(seed, k_len, key_bias):
+  """Every key valid (no key mask): the kernels drop the per-key bias row only where all blocks
+  are full; a padded last block keeps it, and its padding slots stay masked."""
+  args, window = _blocked_inputs(seed, 1, 1, 2, 4, 32, 32, 16, 16, jnp.float32, [k_len], 128,
+                                 k_len)
+  assert window.all_keys_valid
+  kw = dict(block_size=32, window=window, block_q=32, block_k=16)
+  lay = block_attention._blocked_inputs(*args, sort_in_kernel=True, num_warps=4, num_stages=2,
+                                        **kw)
+  assert lay.geo.key_bias == key_bias
+  out, lse = blocked_attention_pallas(*args, scale=0.25, **kw)
+  q, k, v, _, _, k_s, v_s, _, _, log_w = args
+  ref_out, ref_lse = _xla_stage(args, 0.25, 32, window)(q, k, v, k_s, v_s, log_w)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+  _assert_lse_close(lse, ref_lse, 2e-5)
 
 
 def _inputs_77(seed, dtype):
