@@ -461,7 +461,7 @@ class _Inputs(NamedTuple):
   q: jax.Array
   k: jax.Array
   v: jax.Array
-  bias: jax.Array
+  bias: jax.Array | None  # None: no key bias row (``geo.key_bias`` False)
   perms: tuple          # (q_perm, k_perm) or ()
   samples: tuple        # (k, v, bias, block) or ()
 
@@ -487,7 +487,8 @@ def _key_inputs(x: _Inputs, geo):
     m_p = x.samples[0].shape[1]
     specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
     specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
-  return specs, (x.k, x.v) + (x.bias,) * geo.key_bias + x.perms + x.samples
+  key_arrays = (x.k, x.v, x.bias) if geo.key_bias else (x.k, x.v)
+  return specs, key_arrays + x.perms + x.samples
 
 
 def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
@@ -631,11 +632,16 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   q, k, v = _pad_head_dim(q, k, v)
   h_p = q.shape[-1]
 
-  j = jnp.arange(bs_p)
-  pos = jnp.arange(nb)[:, None] * block_size + j[None, :]
-  valid = (j[None, :] < block_size) & (pos < n_valid[:, None, None])            # [P, nb, bs_p]
-  bias = jnp.broadcast_to(jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)[:, None],
-                          (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
+  # Full blocks of keys the window promises valid need no bias row (nor its add per score).
+  key_bias = not (window.all_keys_valid and bs_p == block_size
+                  and nb * block_size == window.k_len)
+  bias = None
+  if key_bias:
+    j = jnp.arange(bs_p)
+    pos = jnp.arange(nb)[:, None] * block_size + j[None, :]
+    valid = (j[None, :] < block_size) & (pos < n_valid[:, None, None])          # [P, nb, bs_p]
+    bias = jnp.broadcast_to(jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)[:, None],
+                            (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
   samp = lambda x: _pad_to(_pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
   s_blk = _pad_to((samp_pos // block_size).reshape(p * kh, m), 1, m_p, -1).astype(jnp.int32)
   s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
@@ -644,10 +650,7 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
-                num_stages=num_stages,
-                # Full blocks of valid keys need no bias row (nor its add per score).
-                key_bias=not (window.all_keys_valid and bs_p == block_size
-                              and nb * block_size == window.k_len))
+                num_stages=num_stages, key_bias=key_bias)
   k_perm_g = k_perm[:, :, None]
   if sort_in_kernel:
     perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
