@@ -44,8 +44,9 @@ outside, the running lse too).
 
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
 mask tensor of size ``q x k`` exists; where the window promises that every key is valid
-(``RowWindow.all_keys_valid``) and the blocks are full, there is no bias row at all. GQA: the group axis is a grid axis (forward, dq) or a loop
-(dk/dv) over programs reading the same K/V rows (no repetition in HBM).
+(``RowWindow.all_keys_valid``) and the blocks are full, there is no bias row at all. GQA: the
+group axis is a grid axis (forward, dq) or a loop (dk/dv) over programs reading the same K/V
+rows (no repetition in HBM).
 
 Small per-call arrays (padded per block to whole tiles): key_bias ``[P, 1 or Nkv, nb * bs_p]``,
 q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples k/v
