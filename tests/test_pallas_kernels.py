@@ -1,5 +1,6 @@
 """Pallas kernels (interpret mode on CPU) against their XLA references, and the blocked VJP."""
 
+import dataclasses
 import functools
 
 import jax
@@ -327,12 +328,19 @@ SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min
                              exact_chunk_size=48)
 
 
+@pytest.mark.parametrize("n,masked,block_size", [(200, False, 32), (256, True, 64)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hyper_pallas_equals_xla_and_reference(seed, causal):
-  q, k, v = make_qkv(seed, 1, 200, 200, 2, 1, 16)  # GQA; causal: 2 levels
+def test_hyper_pallas_equals_xla_and_reference(seed, causal, n, masked, block_size):
+  """GQA, causal with 2 levels; odd length (padded blocks), or whole kernel tiles (block_size
+  64) with a key mask, which must keep the kernels' per-key bias (a window promises valid keys
+  only without a mask)."""
+  q, k, v = make_qkv(seed, 1, n, n, 2, 1, 16)
   rng = jax.random.key(seed)
-  run = lambda impl, q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=SMALL,
-                                              implementation=impl, return_lse=True)
+  config = dataclasses.replace(SMALL, block_size=block_size)
+  mask = (jax.random.uniform(jax.random.key(seed + 1), (1, n)) > 0.25) if masked else None
+  run = lambda impl, q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=config,
+                                              key_mask=mask, implementation=impl,
+                                              return_lse=True)
   out_p, lse_p = run("pallas", q, k, v)
   out_x, lse_x = run("xla", q, k, v)
   np.testing.assert_allclose(out_p, out_x, atol=2e-5)
@@ -341,7 +349,7 @@ def test_hyper_pallas_equals_xla_and_reference(seed, causal):
   g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run("pallas", q, k, v)[0] * w), (0, 1, 2)))(
       q, k, v)
   g_ref = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference_hyper_attention(
-      q, k, v, rng=rng, causal=causal, config=SMALL)[0] * w), (0, 1, 2)))(q, k, v)
+      q, k, v, rng=rng, causal=causal, config=config, key_mask=mask)[0] * w), (0, 1, 2)))(q, k, v)
   for a, b in zip(g, g_ref):
     assert rel_err(a, b) < 1e-5
 
