@@ -322,7 +322,7 @@ class _Recursion(NamedTuple):
   scale: float
   implementation: str
   lse_cotangent: bool
-  all_keys_valid: bool  # no key mask and no padding: the levels' windows promise valid keys
+  levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
 
 
 def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
@@ -340,8 +340,7 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
                             rec.config.exact_chunk_size,
                             _exact_implementation(q, base_mask, rec.implementation))
   running = (out.reshape(q.shape), unfold_stats(lse, parts))
-  for d, plan in enumerate(plans):
-    parts, window = _level_window(q.shape[1], d, rec.all_keys_valid)
+  for plan, (parts, window) in zip(plans, rec.levels):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     if rec.config.normalizer == "merged":  # the blocked kernel merges into the running result
       running = blocked_attention_fwd(*_stage_arrays(fold(q), fold(k), fold(v), plan, window),
@@ -402,7 +401,6 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
 def _recursion_bwd(rec: _Recursion, res, cotangents):
   q, k, v, plans, base_mask, out, lse = res
   d_out, d_lse = cotangents
-  t = q.shape[1]
   d_lse = d_lse if rec.lse_cotangent else None
 
   # Base case first: its gradients start the accumulators (every row of q, k, v).
@@ -417,8 +415,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
   # Each level's share, from the final statistics, added into its rows.
   delta = output_delta(out, d_out, d_lse)
   d_plans = []
-  for d, plan in enumerate(plans):
-    parts, window = _level_window(t, d, rec.all_keys_valid)
+  for plan, (parts, window) in zip(plans, rec.levels):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     dq, dk, dv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
                                             fold_stats(lse, parts), fold_stats(delta, parts),
@@ -446,9 +443,10 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   # Every query and key is hashed once, with one set of hyperplanes for all levels.
   projections = lsh.draw_projections(_rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
   q_code, k_code = _sort_keys(q, k, level_mask, projections)
+  # A window promises valid keys only without a key mask and padding (no per-key bias then).
+  windows = tuple(_level_window(tp, d, level_mask is None) for d in range(levels))
   plans = []
-  for d in range(levels):
-    parts, window = _level_window(tp, d, level_mask is None)
+  for d, (parts, window) in enumerate(windows):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     mask = None if level_mask is None else fold(level_mask)[:, :window.k_len]
     plans.append(_plan(fold(q), fold(k), fold(v), mask,
@@ -459,7 +457,7 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
   out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
                                _Recursion(config, scale, implementation, lse_cotangent,
-                                          all_keys_valid=level_mask is None))
+                                          windows))
   return out[:, :t], lse[..., :t]
 
 
