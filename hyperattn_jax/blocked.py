@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from hyperattn_jax.folding import add_grads, embed_rows, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
+from hyperattn_jax.perturbation import dense, flag, is_set, nonzero, primal_values
 
 __all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
            "blocked_attention_xla", "softmax_out_lse", "grouped_rows", "sorted_rows", "unsort_rows",
@@ -238,14 +239,15 @@ def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
 
 def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                           d_out, lse, delta, scale: float, block_size: int, window: RowWindow,
-                          implementation: str, into=None):
+                          implementation: str, into=None, weight_grad: bool = True):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
   Arguments as :func:`blocked_attention`, plus the merged result's ``d_out`` ``[P, Rq, N, H]``
   and its statistics ``lse``, ``delta = rowsum(dO * O) - dlse`` ``[P, N, Rq]`` (``merge.py``),
   all in q's rows (the window's queries at ``window.q_offset``; no slice is copied). Returns
   dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows, float32 or the
-  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight. ``into``: running
+  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight (None without
+  ``weight_grad``: the Pallas kernels then skip its reduction). ``into``: running
   ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
   Pallas kernels).
@@ -254,7 +256,8 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
                                         n_valid, log_weight, d_out, lse, delta, scale=scale,
-                                        block_size=block_size, window=window, into=into)
+                                        block_size=block_size, window=window, into=into,
+                                        weight_grad=weight_grad)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
   dq, dk, dv, dks, dvs, dw = _recompute_bwd(
@@ -267,7 +270,7 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
   if into is not None:
     dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
-  return dq, dk, dv, dks, dvs, dw
+  return dq, dk, dv, dks, dvs, dw if weight_grad else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
@@ -286,7 +289,8 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
     out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` float32, unsorted.
 
   The VJP (:func:`blocked_attention_bwd` from the saved (out, lse)) differentiates q, k, v, the
-  samples and their log-weights, for cotangents of both ``out`` and ``lse``; no ``n x
+  samples and their log-weights (the latter only where they are differentiated: not for
+  constants such as the uniform sampler's), for cotangents of both ``out`` and ``lse``; no ``n x
   (block_size + sample_size)`` matrix is kept between the passes. ``"pallas"`` runs the Pallas
   backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
   it by autodiff (the reference).
@@ -297,27 +301,27 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
 
 def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
              block_size, window, implementation):
-  out, lse = blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                   log_weight, scale, block_size, window, implementation)
-  return (out, lse), (q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                      out, lse)
+  inputs, perturbed = primal_values((q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
+                                     n_valid, log_weight))
+  out, lse = blocked_attention_fwd(*inputs, scale, block_size, window, implementation)
+  return (out, lse), (inputs, out, lse, flag(perturbed[-1]))
 
 
 def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
-  *inputs, out, lse = res
+  inputs, out, lse, weight_grad = res
   q, k, v, _, _, k_samp, v_samp, _, _, log_weight = inputs
-  d_out, d_lse = cotangents
+  d_out, d_lse = dense(cotangents[0]), nonzero(cotangents[1])
   in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1])        # window -> q's rows
   stats_in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1], axis=2)
   dq, dk, dv, dks, dvs, dw = blocked_attention_bwd(
       *inputs, in_q_rows(d_out), stats_in_q_rows(lse),
       stats_in_q_rows(output_delta(out, d_out, d_lse)), scale, block_size, window,
-      implementation)
-  cast = lambda d, x: d.astype(x.dtype)
+      implementation, weight_grad=is_set(weight_grad))
+  cast = lambda d, x: None if d is None else d.astype(x.dtype)
   return (cast(in_q_rows(dq), q),
           cast(embed_rows(dk, window.k_offset, k.shape[1]), k),
           cast(embed_rows(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
           cast(dvs, v_samp), None, None, cast(dw, log_weight))
 
 
-blocked_attention.defvjp(_vjp_fwd, _vjp_bwd)
+blocked_attention.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)

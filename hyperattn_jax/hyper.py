@@ -42,6 +42,7 @@ from hyperattn_jax.exact import flash_attention, grouped_q, kernel_backward, ker
 from hyperattn_jax.folding import (add_grads, add_key_rows, fold_rows, fold_stats, merge_rows,
                                    unfold_stats)
 from hyperattn_jax.merge import merge_attention, output_delta, part_cotangents
+from hyperattn_jax.perturbation import dense, flag, is_set, nonzero, primal_values
 
 __all__ = ["hyper_attention", "exact_attention", "merge_attention"]
 
@@ -366,21 +367,24 @@ def _causal_recursion(q, k, v, plans, base_mask, rec: _Recursion):
 
 
 def _recursion_fwd(q, k, v, plans, base_mask, rec):
+  (q, k, v, plans, base_mask), perturbed = primal_values((q, k, v, plans, base_mask))
   out, lse = _recursion_forward(q, k, v, plans, base_mask, rec)
-  return (out, lse), (q, k, v, plans, base_mask, out, lse)
+  weight_grads = tuple(flag(p.log_weight) for p in perturbed[3])  # per level
+  return (out, lse), (q, k, v, plans, base_mask, out, lse, weight_grads)
 
 
-def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow, into):
+def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowWindow, into,
+                 weight_grad: bool):
   """One level's share of the gradient, from the merged statistics (lse, delta ``[P, N, 2
   half]``) of the folded views ``[P, 2 half, ., H]``, added into the running ``into = (dq, dk,
   dv)`` ``[B, T, ., H]`` (dq at the window's query rows, dk/dv at its key rows): returns those,
   the samples' dk/dv ``[P, Nkv, m, H]`` (None where they are already inside dk/dv: the autodiff
-  path) and the log-weights' gradient."""
+  path) and the log-weights' gradient (None unless ``weight_grad``)."""
   config, q_len = rec.config, window.q_len
   if config.normalizer == "merged":  # the blocked kernels' backward from the merged statistics
     return blocked_attention_bwd(*_stage_arrays(q, k, v, plan, window), d_out, lse, delta,
                                  rec.scale, config.block_size, window, rec.implementation,
-                                 into=into)
+                                 into=into, weight_grad=weight_grad)
   # ApproxD's row normaliser is not a merge of parts: differentiate the level by autodiff, its
   # output's cotangents pulled back from the merged statistics.
   part = lambda q, k, v, w: _attend_blocks(q, k, v, plan._replace(log_weight=w), config,
@@ -395,12 +399,12 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
   keys = lambda x: jax.lax.slice_in_dim(x, window.k_offset, window.k_offset + window.k_len,
                                         axis=1)
   return (*add_grads(into, (rows(dq), keys(dk), keys(dv)), window.q_offset, window.k_offset),
-          None, None, dw)
+          None, None, dw if weight_grad else None)
 
 
 def _recursion_bwd(rec: _Recursion, res, cotangents):
-  q, k, v, plans, base_mask, out, lse = res
-  d_out, d_lse = cotangents
+  q, k, v, plans, base_mask, out, lse, weight_grads = res
+  d_out, d_lse = dense(cotangents[0]), nonzero(cotangents[1])
   d_lse = d_lse if rec.lse_cotangent else None
 
   # Base case first: its gradients start the accumulators (every row of q, k, v).
@@ -415,19 +419,20 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
   # Each level's share, from the final statistics, added into its rows.
   delta = output_delta(out, d_out, d_lse)
   d_plans = []
-  for plan, (parts, window) in zip(plans, rec.levels):
+  for plan, (parts, window), weight_grad in zip(plans, rec.levels, weight_grads):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     dq, dk, dv, dks, dvs, dw = _level_grads(fold(q), fold(k), fold(v), plan, fold(d_out),
                                             fold_stats(lse, parts), fold_stats(delta, parts),
-                                            rec, window, grads)
+                                            rec, window, grads, is_set(weight_grad))
     if dks is not None:  # the samples' gradients, into their key rows
       dk, dv = add_key_rows(dk, plan.samp_rows, dks), add_key_rows(dv, plan.samp_rows, dvs)
     grads = (dq, dk, dv)
-    d_plans.append(_Plan(None, None, None, None, None, dw.astype(plan.log_weight.dtype), None))
+    d_plans.append(_Plan(None, None, None, None, None,
+                         None if dw is None else dw.astype(plan.log_weight.dtype), None))
   return grads + (tuple(d_plans), None)
 
 
-_causal_recursion.defvjp(_recursion_fwd, _recursion_bwd)
+_causal_recursion.defvjp(_recursion_fwd, _recursion_bwd, symbolic_zeros=True)
 
 
 def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):

@@ -171,17 +171,20 @@ def _store_running_lse(geo, ref, p, rows, head, value):
   plgpu.store(ref.at[p // geo.lse_parts, head, p % geo.lse_parts, at], value, mask=valid)
 
 
-def _store_results(geo, outs, values, p, rows, head, offset):
+def _store_results(geo, outs, values, p, rows, head, offset, running=None):
   """Stores float32 ``values`` (one per result) at local ``rows``: into the running arrays
-  (``outs`` = their inputs, then the aliased outputs), added to their rows ``offset + rows``,
-  when ``geo.accumulate``; else into the window-sized outputs ``outs``."""
+  (``outs`` = their inputs, then the aliased outputs), added to their rows ``offset + rows``
+  (``running``: those rows if already loaded), when ``geo.accumulate``; else into the
+  window-sized outputs ``outs``."""
+  n = len(values)
   if not geo.accumulate:
     for ref, value in zip(outs, values):
       _store_rows(ref, p, rows, head, value)
     return
-  for ref_in, ref, value in zip(outs[:len(values)], outs[len(values):], values):
-    _store_rows(ref, p, rows, head,
-                value + _load_rows(ref_in, p, rows, head, offset).astype(jnp.float32), offset)
+  if running is None:
+    running = [_load_rows(ref, p, rows, head, offset) for ref in outs[:n]]
+  for ref, value, prior in zip(outs[n:], values, running):
+    _store_rows(ref, p, rows, head, value + prior.astype(jnp.float32), offset)
 
 
 def _tile_rows(geo, perm, block, tile):
@@ -335,85 +338,110 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
     ds = p_ * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
+  # The running dq rows (into=) are loaded with q, not after the loop.
+  running = [_load_rows(outs[0], p, rows, head, geo.q_offset)] if geo.accumulate else None
   dq = _visit_keys(step, jnp.zeros(q.shape, jnp.float32), q, tile * q.shape[0], block, refs, p,
                    kv, geo=geo, scale=scale) * scale
-  _store_results(geo, outs, (dq,), p, rows, head, geo.q_offset)
+  _store_results(geo, outs, (dq,), p, rows, head, geo.q_offset, running)
 
 
 def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_per_program,
-                 samples):
-  """dk, dv of one chunk of keys: a block's own keys, or samples against a group of blocks.
+                 chunks_per_program, samples, weight_grad):
+  """dk, dv of chunks of keys: a block's own keys, or samples against a group of blocks.
 
-  Own keys (grid ``(P * Nkv, num_blocks * chunks_per_block)``): the keys are loaded by index
-  and their gradients stored by index. Samples (grid ``(P * Nkv, groups, m_p / block_k)``): the
-  sample chunk's float32 partial over ``blocks_per_program`` consecutive query blocks, and the
-  gradient of their log-weights (the column sums of the score gradient).
+  Own keys (grid ``(P * Nkv, num_blocks * chunks_per_block / chunks_per_program)``):
+  ``chunks_per_program`` consecutive chunks of one block, each over the block's query tiles;
+  the keys are loaded by index (the next chunk's while this one runs: a block has only a few
+  query tiles, so a program per chunk would wait on its loads) and their gradients stored by
+  index. Samples (grid ``(P * Nkv, groups, m_p / block_k)``): the sample chunk's float32
+  partial over ``blocks_per_program`` consecutive query blocks, and, with ``weight_grad``, the
+  gradient of their log-weights (the row sums of the score gradient ``[block_k, block_q]``: a
+  reduction per tile, so only where the log-weights are differentiated).
   """
   refs, outs = _split_refs(refs, geo, has_samples=samples)
   i, c = _program_ids(3 if samples else 2)[:2]
   p, kv = i // geo.kv_heads, i % geo.kv_heads
-  bk = geo.block_k
-  if samples:
-    ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
-    dk_ref, dv_ref, dw_ref = outs
-    first_block, col0 = c * blocks_per_program, 0
-    k, v, bias, keys = ks_ref[...], vs_ref[...], sb_ref[...], None
-  else:
-    first_block, chunk = c // geo.chunks_per_block, c % geo.chunks_per_block
-    col0 = chunk * bk
-    keys = _chunk_keys(geo, refs.k_perm[...] if geo.sorted else None, first_block, chunk)
-    k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
-    v = _load_rows(refs.v, p, keys, kv, geo.k_offset)
-    bias = refs.bias[...] if geo.key_bias else None
+  bk, bq, tpb = geo.block_k, geo.block_q, geo.tiles_per_block
   scale2 = scale * _LOG2E
-  tpb, bq = geo.tiles_per_block, geo.block_q
 
-  def query_tile(t, carry, g, masked):
-    dk, dv, dw = carry
-    # lax.div/rem (t >= 0): jnp's // and % inside a static-trip-count loop fail to lower in
-    # jax 0.11's Triton backend (operand types i32 vs i1).
-    tpb_ = jnp.int32(tpb)
-    block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
-    head = kv * geo.groups + g
-    rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
-                      tile)
-    q = _load_rows(q_ref, p, rows, head, geo.q_offset)
-    do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-    lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
-    delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
-    s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
-    if bias is not None:
-      s = s + bias[:, None]
-    if samples:
-      s = jnp.where(sblk_ref[...][:, None] == block, _NEG_INF, s)
-    if masked:  # keys on the rows, queries on the columns
-      s = _causal(s, tile * bq, col0, query_axis=1)
-    p_ = jnp.exp2(s - lse2[None, :])
-    ds = p_ * (_dot(v, do, trans_b=True) - delta[None, :])
-    return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p_.astype(do.dtype), do),
-            dw + jnp.sum(ds, axis=1))
+  def chunk_grads(k, v, bias, first_block, col0, n_dw):
+    """(dk, dv[, dw]) float32 of keys k/v ``[block_k, H]`` (from column ``col0`` of their block)
+    over the query tiles of ``blocks_per_program`` blocks from ``first_block``."""
+    def query_tile(t, carry, g, masked):
+      dk, dv, *dw = carry
+      # lax.div/rem (t >= 0): jnp's // and % inside a static-trip-count loop fail to lower in
+      # jax 0.11's Triton backend (operand types i32 vs i1).
+      tpb_ = jnp.int32(tpb)
+      block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
+      head = kv * geo.groups + g
+      rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
+                        tile)
+      q = _load_rows(q_ref, p, rows, head, geo.q_offset)
+      do = _load_rows(do_ref, p, rows, head, geo.q_offset)
+      lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+      delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
+      s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
+      if bias is not None:
+        s = s + bias[:, None]
+      if samples:
+        s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
+      if masked:  # keys on the rows, queries on the columns
+        s = _causal(s, tile * bq, col0, query_axis=1)
+      p_ = jnp.exp2(s - lse2[None, :])
+      ds = p_ * (_dot(v, do, trans_b=True) - delta[None, :])
+      return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p_.astype(do.dtype), do),
+              *(w + jnp.sum(ds, axis=1) for w in dw))
 
-  n_tiles = blocks_per_program * tpb
+    n_tiles = blocks_per_program * tpb
 
-  def head_loop(g, carry):
-    if not geo.causal or samples:
-      return lax.fori_loop(0, n_tiles, functools.partial(query_tile, g=g, masked=False), carry)
-    # Query tiles above the chunk see none of its keys; those crossing the diagonal are masked.
-    first = col0 // bq
-    unmasked = jnp.minimum(n_tiles, (col0 + bk + bq - 1) // bq)
-    carry = lax.fori_loop(first, unmasked, functools.partial(query_tile, g=g, masked=True), carry)
-    return lax.fori_loop(unmasked, n_tiles, functools.partial(query_tile, g=g, masked=False),
-                         carry)
+    def head_loop(g, carry):
+      if not geo.causal or samples:
+        return lax.fori_loop(0, n_tiles, functools.partial(query_tile, g=g, masked=False),
+                             carry)
+      # Query tiles above the chunk see none of its keys; those crossing the diagonal are
+      # masked.
+      first = col0 // bq
+      unmasked = jnp.minimum(n_tiles, (col0 + bk + bq - 1) // bq)
+      carry = lax.fori_loop(first, unmasked, functools.partial(query_tile, g=g, masked=True),
+                            carry)
+      return lax.fori_loop(unmasked, n_tiles, functools.partial(query_tile, g=g, masked=False),
+                           carry)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv, dw = lax.fori_loop(0, geo.groups, head_loop,
-                             (zeros, zeros, jnp.zeros((k.shape[0],), jnp.float32)))
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dw = (jnp.zeros((k.shape[0],), jnp.float32),) * n_dw
+    return lax.fori_loop(0, geo.groups, head_loop, (zeros, zeros, *dw))
+
   if samples:
+    ks_ref, vs_ref, sb_ref, _ = refs.samples
+    dk_ref, dv_ref, *dw_ref = outs
+    dk, dv, *dw = chunk_grads(ks_ref[...], vs_ref[...], sb_ref[...], c * blocks_per_program, 0,
+                              int(weight_grad))
     dk_ref[...] = dk * scale
     dv_ref[...] = dv
-    dw_ref[...] = dw
-  else:
-    _store_results(geo, outs, (dk * scale, dv), p, keys, kv, geo.k_offset)
+    for ref, value in zip(dw_ref, dw):
+      ref[...] = value
+    return
+
+  cpp = chunks_per_program
+  block, chunk0 = (c * cpp) // geo.chunks_per_block, (c * cpp) % geo.chunks_per_block
+
+  def load(j):
+    """Chunk ``j`` of the program: its key rows, k, v (and the running dk/dv rows)."""
+    keys = _chunk_keys(geo, refs.k_perm[pl.ds(j * bk, bk)] if geo.sorted else None, block,
+                       chunk0 + j)
+    running = [_load_rows(ref, p, keys, kv, geo.k_offset) for ref in outs[:2]
+               ] if geo.accumulate else None
+    return (keys, _load_rows(refs.k, p, keys, kv, geo.k_offset),
+            _load_rows(refs.v, p, keys, kv, geo.k_offset), running)
+
+  chunk = load(0)
+  for j in range(cpp):  # static: the next chunk's loads are issued before this one's loops
+    keys, k, v, running = chunk
+    if j + 1 < cpp:
+      chunk = load(j + 1)
+    bias = refs.bias[pl.ds(j * bk, bk)] if geo.key_bias else None
+    dk, dv = chunk_grads(k, v, bias, block, (chunk0 + j) * bk, 0)
+    _store_results(geo, outs, (dk * scale, dv), p, keys, kv, geo.k_offset, running)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,6 +483,8 @@ def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, runnin
 
 
 _WHOLE = pl.no_block_spec  # arrays read or written by row index
+# Key chunks per dk/dv program of a block's own keys (at most): 2 measured faster than 1 or 4.
+_OWN_CHUNKS_PER_PROGRAM = 2
 
 
 class _Inputs(NamedTuple):
@@ -508,9 +538,10 @@ def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
 
 
 def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups,
-                   running=()):
+                   weight_grad, running=()):
   """Backward: dq ``[P, q_len, N, H]`` (q's dtype), dk/dv ``[P, k_len, Nkv, H]`` (k's dtype),
-  and for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None).
+  and for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None;
+  the log-weight gradient is None unless ``weight_grad``).
   With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the gradients
   added to the window's rows instead.
 
@@ -531,15 +562,17 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
 
   qb_p = geo.tiles_per_block * bq
 
-  def dkdv(samples_mode, blocks_per_program, grid, running=()):
-    # Specs on the grid (bkv, c, s): own keys have c = key chunk (s absent), samples have
-    # c = group of blocks and s = sample chunk (their bias is the samples' own).
+  def dkdv(samples_mode, blocks_per_program, grid, running=(), chunks_per_program=1):
+    # Specs on the grid (bkv, c, s): own keys have c = group of chunks_per_program key chunks
+    # (s absent), samples have c = group of blocks and s = sample chunk (their bias is the
+    # samples' own).
     kgeo = geo._replace(key_bias=geo.key_bias and not samples_mode)
     in_specs = [_WHOLE] * 6
     arrays = [x.k, x.v]
+    keys = chunks_per_program * bk
     if kgeo.key_bias:
       kvb = _bias_head(x, geo)
-      in_specs.append(_spec((None, None, bk), lambda i, c: (i // nkv, kvb(i), c)))
+      in_specs.append(_spec((None, None, keys), lambda i, c: (i // nkv, kvb(i), c)))
       arrays.append(x.bias)
     if geo.sorted:
       rows = blocks_per_program * qb_p
@@ -548,10 +581,10 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
                            lambda i, c, s: (i // nkv, i % nkv, 0, c)),
                      _spec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
       else:
-        cpb = geo.chunks_per_block
+        per_block = geo.chunks_per_block // chunks_per_program  # programs per block
         in_specs += [_spec((None, None, geo.groups, rows),
-                           lambda i, c: (i // nkv, i % nkv, 0, c // cpb)),
-                     _spec((None, None, bk), lambda i, c: (i // nkv, i % nkv, c))]
+                           lambda i, c: (i // nkv, i % nkv, 0, c // per_block)),
+                     _spec((None, None, keys), lambda i, c: (i // nkv, i % nkv, c))]
       arrays += list(x.perms)
     if samples_mode:
       m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
@@ -560,25 +593,32 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       arrays += list(x.samples)
       part = (p * nkv, grid[1], m_p)
       out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
-      out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
       out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
-      out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
+      if weight_grad:
+        out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
+        out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
     else:
       out_specs = [_WHOLE, _WHOLE]
       out_shape = [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
     kernel = functools.partial(_dkdv_kernel, geo=kgeo, scale=scale,
-                               blocks_per_program=blocks_per_program, samples=samples_mode)
+                               blocks_per_program=blocks_per_program,
+                               chunks_per_program=chunks_per_program, samples=samples_mode,
+                               weight_grad=weight_grad)
     return _pallas_call(kernel, kgeo, grid, in_specs, out_specs, out_shape,
                         "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
 
-  # dk, dv of each block's own keys: program (bkv, key chunk) over its block's query rows.
-  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block), running[1:])
+  # dk, dv of each block's own keys: program (bkv, group of key chunks) over its block's query
+  # rows.
+  cpp = _largest_divisor(geo.chunks_per_block, _OWN_CHUNKS_PER_PROGRAM)
+  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block // cpp), running[1:],
+                cpp)
   if not has_samples:
     return dq, dk, dv, None
   # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
   bpg = geo.num_blocks // sample_groups
-  parts = dkdv(True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk))
-  return dq, dk, dv, tuple(t.sum(axis=1) for t in parts)
+  dks, dvs, *dw = (t.sum(axis=1) for t in
+                   dkdv(True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk)))
+  return dq, dk, dv, (dks, dvs, dw[0] if dw else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,9 +640,9 @@ def _pad_head_dim(*xs):
   return tuple(_pad_to(x, x.ndim - 1, h_p) for x in xs)
 
 
-def _sample_groups(num_blocks: int, target: int) -> int:
-  """The largest divisor of ``num_blocks`` that is at most ``target``."""
-  return max(d for d in range(1, min(num_blocks, target) + 1) if num_blocks % d == 0)
+def _largest_divisor(n: int, target: int) -> int:
+  """The largest divisor of ``n`` that is at most ``target``."""
+  return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
 def _per_block(x, nb, size, value):
@@ -728,13 +768,15 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
                                  log_weight, d_out, lse, delta, *, scale: float,
                                  block_size: int, window: RowWindow, sort_in_kernel: bool = True,
                                  block_q: int = 64, block_k: int = 64, num_warps: int = 4,
-                                 num_stages: int = 2, sample_groups: int = 8, into=None):
+                                 num_stages: int = 2, sample_groups: int = 8, into=None,
+                                 weight_grad: bool = True):
   """The stage's gradients from the statistics of the merged result that contains it (its own,
   or a merge with other parts): same arguments and results as ``blocked.blocked_attention_bwd``
   (d_out ``[P, Rq, N, H]``, lse/delta ``[P, N, Rq]`` in q's rows).
 
   Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only),
-  dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]``. With
+  dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]`` (None
+  without ``weight_grad``: the log-weights are constants, e.g. of the uniform sampler). With
   ``into`` = running ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are
   the folded rows: those with dq, dk, dv added to the window's rows instead (in the kernels
   where they can, see :func:`blocked_attention_pallas`). The sample gradients are summed over
@@ -755,12 +797,13 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   dq, dk, dv, (dks, dvs, dw) = _tile_backward(
       lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_lse_base2(lse)),
       lay.to_stats(delta.astype(jnp.float32)), scale=scale,
-      sample_groups=_sample_groups(geo.num_blocks, max(1, sample_groups // q.shape[0])),
-      running=running)
+      sample_groups=_largest_divisor(geo.num_blocks, max(1, sample_groups // q.shape[0])),
+      weight_grad=weight_grad, running=running)
   h, m = q.shape[-1], k_samp.shape[2]
   p, kh = q_perm.shape[:2]
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
-  samples = (unsamp(dks, k_samp), unsamp(dvs, v_samp), dw[:, :m].reshape(p, kh, m))
+  samples = (unsamp(dks, k_samp), unsamp(dvs, v_samp),
+             None if dw is None else dw[:, :m].reshape(p, kh, m))
   if in_place:
     return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
   dq, dk, dv = lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h]
@@ -811,6 +854,6 @@ def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal
   delta = output_delta(out, d_out, d_lse).astype(jnp.float32)
   (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta, scale=scale,
-                                 sample_groups=1)
+                                 sample_groups=1, weight_grad=False)
   h = q.shape[-1]
   return dq[..., :h], dk[..., :h], dv[..., :h]

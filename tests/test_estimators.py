@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, hyper_attention
-from hyperattn_jax import lsh
+from hyperattn_jax import blocked, hyper, lsh
 from hyperattn_jax.reference import reference_hyper_attention
 
 SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min_seq_len=64,
@@ -75,6 +75,33 @@ def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
   assert abs(np.sum(w * f[pos]) - f.sum()) / f.sum() < 0.05
   empty = lsh.draw_samples(jax.random.key(0), "value_norm", v, jnp.array([0]), 8)[1]
   assert np.all(np.isneginf(np.asarray(empty)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_log_weight_gradient_only_where_the_sampler_makes_it_differentiable(seed, causal,
+                                                                           monkeypatch):
+  """The blocked backward computes the log-weights' gradient (a reduction per score tile in the
+  Pallas kernels) for the |v|^2 sampler, whose weights depend on v, and skips it for the
+  uniform sampler's constants (the custom VJPs read which inputs are perturbed)."""
+  asked = []
+
+  def spy(real):
+    def bwd(*args, weight_grad=True, **kwargs):
+      asked.append(weight_grad)
+      grads = real(*args, weight_grad=weight_grad, **kwargs)
+      assert (grads[-1] is not None) == weight_grad
+      return grads
+    return bwd
+
+  monkeypatch.setattr(blocked, "blocked_attention_bwd", spy(blocked.blocked_attention_bwd))
+  monkeypatch.setattr(hyper, "blocked_attention_bwd", spy(hyper.blocked_attention_bwd))
+  q, k, v = make_qkv(seed, 1, 130, 130, 2, 1, 16)  # causal: 2 levels
+  for sampler in ("uniform", "value_norm"):
+    asked.clear()
+    cfg = dataclasses.replace(SMALL, sampler=sampler)
+    jax.grad(lambda v: jnp.sum(hyper_attention(q, k, v, rng=jax.random.key(seed), causal=causal,
+                                               config=cfg)))(v)
+    assert asked == [sampler == "value_norm"] * (2 if causal else 1), (sampler, asked)
 
 
 @pytest.mark.parametrize("kwargs,match", [
