@@ -62,10 +62,12 @@ def draw_projections(rng: jax.Array, kv_heads: int, head_dim: int, num_projs: in
 
 def draw_sample_positions(rng: jax.Array, n_valid: jax.Array, kv_heads: int,
                           sample_size: int) -> jax.Array:
-  """Uniform sample (with replacement) of *sorted* key positions.
+  """Uniform sample (with replacement) of *sorted* key positions, in ascending order.
 
   Invalid keys are sorted last, so positions ``[0, n_valid)`` are exactly the valid keys and a
-  uniform draw over them is a uniform draw over the valid keys.
+  uniform draw over them is a uniform draw over the valid keys. Ascending, each key block's
+  samples are consecutive: the Pallas kernels mask a query block's own samples only in the
+  sample chunks that hold them.
 
   Args:
     n_valid: ``[batch]`` int32 number of valid keys.
@@ -74,12 +76,14 @@ def draw_sample_positions(rng: jax.Array, n_valid: jax.Array, kv_heads: int,
   """
   batch = n_valid.shape[0]
   maxval = jnp.maximum(n_valid, 1)[:, None, None]
-  return jax.random.randint(rng, (batch, kv_heads, sample_size), 0, maxval, dtype=jnp.int32)
+  return jnp.sort(jax.random.randint(rng, (batch, kv_heads, sample_size), 0, maxval,
+                                     dtype=jnp.int32), axis=-1)
 
 
 def draw_samples(rng: jax.Array, sampler: str, vs_sorted: jax.Array, n_valid: jax.Array,
                  sample_size: int) -> tuple[jax.Array, jax.Array]:
-  """The residual samples: sorted positions and their log-weights (unbiased reweighting).
+  """The residual samples: positions in the sorted key order, ascending, and their log-weights
+  (unbiased reweighting).
 
   * ``"uniform"``: positions uniform over the valid keys, log-weight ``log(n_valid / m)``;
   * ``"value_norm"``: position ``j`` with probability ``p_j = |v_j|^2 / sum |v|^2`` over the
@@ -91,8 +95,8 @@ def draw_samples(rng: jax.Array, sampler: str, vs_sorted: jax.Array, n_valid: ja
     vs_sorted: ``[batch, kv_heads, n, head_dim]`` values in sorted order (valid keys first).
     n_valid: ``[batch]`` int32.
   Returns:
-    positions int32 ``[batch, kv_heads, m]`` and log-weights float32 ``[batch, kv_heads, m]``
-    (``-inf`` for a batch without valid keys).
+    positions int32 ``[batch, kv_heads, m]`` (ascending) and log-weights float32 ``[batch,
+    kv_heads, m]`` (``-inf`` for a batch without valid keys).
   """
   batch, kv_heads, n = vs_sorted.shape[:3]
   shape = (batch, kv_heads, sample_size)
@@ -109,7 +113,7 @@ def draw_samples(rng: jax.Array, sampler: str, vs_sorted: jax.Array, n_valid: ja
                  jnp.finfo(jnp.float32).tiny, 0.0)                           # [B, Nkv, n]
   total = jnp.sum(sq, axis=-1, keepdims=True)
   cdf = jnp.cumsum(jax.lax.stop_gradient(sq), axis=-1)
-  target = jax.random.uniform(rng, shape) * jax.lax.stop_gradient(total)
+  target = jnp.sort(jax.random.uniform(rng, shape), axis=-1) * jax.lax.stop_gradient(total)
   search = jax.vmap(jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="right")))
   pos = jnp.minimum(search(cdf, target), jnp.maximum(n_valid, 1)[:, None, None] - 1)
   pos = pos.astype(jnp.int32)

@@ -51,7 +51,9 @@ rows (no repetition in HBM).
 Small per-call arrays (padded per block to whole tiles): key_bias ``[P, 1 or Nkv, nb * bs_p]``,
 q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples k/v
 ``[P*Nkv, m_p, H]``, sample_block ``[P*Nkv, m_p]`` int32 (-1 = padding), sample_bias
-``[P*Nkv, m_p]`` f32 (the log-weights times log2 e).
+``[P*Nkv, m_p]`` f32 (the log-weights times log2 e), sample_span ``[P*Nkv, 2, nb]`` int32 (the
+sample columns ``[lo, hi)`` of each block's samples: the forward and dq select away a query
+block's own samples only in the chunks overlapping them, one or two for ascending samples).
 """
 
 from __future__ import annotations
@@ -216,10 +218,12 @@ class _Refs(NamedTuple):
   bias: object      # or None (``geo.key_bias`` False: every key valid)
   q_perm: object
   k_perm: object
-  samples: object   # (k, v, bias, block) or None
+  samples: object   # (k, v, bias, block[, span]) or None
 
 
-def _split_refs(refs, geo, has_samples):
+def _split_refs(refs, geo, n_samples):
+  """The kernel's key refs, and the rest; ``n_samples`` sample refs: 5 (k, v, bias, block,
+  span) in the forward and dq, 4 (no span) in the samples' dk/dv, 0 without samples."""
   k, v, *refs = refs
   bias = None
   if geo.key_bias:
@@ -228,8 +232,8 @@ def _split_refs(refs, geo, has_samples):
   if geo.sorted:
     q_perm, k_perm, *refs = refs
   samples = None
-  if has_samples:
-    samples, refs = tuple(refs[:4]), refs[4:]
+  if n_samples:
+    samples, refs = tuple(refs[:n_samples]), refs[n_samples:]
   return _Refs(k, v, bias, q_perm, k_perm, samples), refs
 
 
@@ -264,16 +268,27 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     carry = lax.fori_loop(0, n_chunks, functools.partial(key_chunk, masked=False), carry)
 
   if refs.samples is not None:
-    ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
+    ks_ref, vs_ref, sb_ref, sblk_ref, span_ref = refs.samples
+    lo, hi = span_ref[0, block], span_ref[1, block]
 
     def sample_chunk(j, carry):
       sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
       s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :]
-      s = jnp.where(sblk_ref[sl][None, :] == block, _NEG_INF, s)
+      s = _own_block_masked(s, sblk_ref[sl], block, j * bk, lo, hi)
       return step(carry, s, k, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
   return carry
+
+
+def _own_block_masked(s, sample_block, block, col0, lo, hi):
+  """Scores ``s`` ``[block_q, block_k]`` against the samples from column ``col0``
+  (``sample_block``: their key blocks) with those in the query block ``block`` masked (counted
+  exactly in the block's own keys). The select runs only where the chunk overlaps the block's
+  sample columns ``[lo, hi)``."""
+  own = lambda s, b: jnp.where(b[None, :] == block, _NEG_INF, s)
+  return lax.cond((col0 < hi) & (col0 + sample_block.shape[0] > lo), own, lambda s, b: s, s,
+                  sample_block)
 
 
 def _query_tile(geo, refs):
@@ -286,7 +301,7 @@ def _query_tile(geo, refs):
 
 
 def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
-  refs, outs = _split_refs(refs, geo, has_samples)
+  refs, outs = _split_refs(refs, geo, 5 if has_samples else 0)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   block_q, head_dim = q.shape
@@ -326,7 +341,7 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples):
-  refs, outs = _split_refs(refs, geo, has_samples)
+  refs, outs = _split_refs(refs, geo, 5 if has_samples else 0)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   do = _load_rows(do_ref, p, rows, head, geo.q_offset)
@@ -358,7 +373,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
   gradient of their log-weights (the row sums of the score gradient ``[block_k, block_q]``: a
   reduction per tile, so only where the log-weights are differentiated).
   """
-  refs, outs = _split_refs(refs, geo, has_samples=samples)
+  refs, outs = _split_refs(refs, geo, 4 if samples else 0)
   i, c = _program_ids(3 if samples else 2)[:2]
   p, kv = i // geo.kv_heads, i % geo.kv_heads
   bk, bq, tpb = geo.block_k, geo.block_q, geo.tiles_per_block
@@ -383,7 +398,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
       s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
       if bias is not None:
         s = s + bias[:, None]
-      if samples:
+      if samples:  # (a select on every tile: here the span's per-tile test measured slower)
         s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
       if masked:  # keys on the rows, queries on the columns
         s = _causal(s, tile * bq, col0, query_axis=1)
@@ -412,7 +427,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
     return lax.fori_loop(0, geo.groups, head_loop, (zeros, zeros, *dw))
 
   if samples:
-    ks_ref, vs_ref, sb_ref, _ = refs.samples
+    ks_ref, vs_ref, sb_ref = refs.samples[:3]
     dk_ref, dv_ref, *dw_ref = outs
     dk, dv, *dw = chunk_grads(ks_ref[...], vs_ref[...], sb_ref[...], c * blocks_per_program, 0,
                               int(weight_grad))
@@ -494,7 +509,7 @@ class _Inputs(NamedTuple):
   v: jax.Array
   bias: jax.Array | None  # None: no key bias row (``geo.key_bias`` False)
   perms: tuple          # (q_perm, k_perm) or ()
-  samples: tuple        # (k, v, bias, block) or ()
+  samples: tuple        # (k, v, bias, block, span) or ()
 
 
 def _bias_head(x: _Inputs, geo):
@@ -518,6 +533,7 @@ def _key_inputs(x: _Inputs, geo):
     m_p = x.samples[0].shape[1]
     specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
     specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
+    specs.append(_spec((None, 2, geo.num_blocks), lambda i, t, g: (i, 0, 0)))
   key_arrays = (x.k, x.v, x.bias) if geo.key_bias else (x.k, x.v)
   return specs, key_arrays + x.perms + x.samples
 
@@ -590,7 +606,7 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
       in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
       in_specs += [_spec((None, bk), lambda i, c, s: (i, s))] * 2
-      arrays += list(x.samples)
+      arrays += list(x.samples[:4])  # not the span
       part = (p * nkv, grid[1], m_p)
       out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
       out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
@@ -687,7 +703,13 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   s_blk = _pad_to((samp_pos // block_size).reshape(p * kh, m), 1, m_p, -1).astype(jnp.int32)
   s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
                    _NEG_INF)
-  samples = (samp(k_samp), samp(v_samp), s_bias, s_blk)
+  # Each block's samples lie in columns [lo, hi) (one or two chunks when the positions are
+  # sorted, as hyper_attention draws them): only chunks there mask the query block's own keys.
+  rows, col = jnp.arange(p * kh)[:, None], jnp.arange(m, dtype=jnp.int32)[None, :]
+  s_blk_m = s_blk[:, :m]
+  span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, s_blk_m].min(col),
+                    jnp.zeros((p * kh, nb), jnp.int32).at[rows, s_blk_m].max(col + 1)], axis=1)
+  samples = (samp(k_samp), samp(v_samp), s_bias, s_blk, span)
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,

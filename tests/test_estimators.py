@@ -65,7 +65,7 @@ def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
   n_valid = jnp.array([n], jnp.int32)
   pos, log_w = lsh.draw_samples(jax.random.key(seed + 1), "value_norm", v, n_valid, m)
   pos, w = np.asarray(pos[0, 0]), np.exp(np.asarray(log_w[0, 0], np.float64))
-  assert pos.min() >= 0 and pos.max() < n
+  assert pos.min() >= 0 and pos.max() < n and np.all(np.diff(pos) >= 0)
   sq = np.sum(np.asarray(v[0, 0, :n], np.float64) ** 2, axis=-1)
   np.testing.assert_allclose(w, 1.0 / (m * sq[pos] / sq.sum()), rtol=1e-4)
   freq = np.bincount(pos, minlength=n) / m

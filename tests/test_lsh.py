@@ -60,6 +60,7 @@ def test_samples_cover_only_valid_positions(seed):
   pos = np.asarray(lsh.draw_sample_positions(jax.random.key(seed), n_valid, 2, 4000))
   assert pos[0].max() < 5 and pos[0].min() >= 0 and len(np.unique(pos[0])) == 5
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
+  assert np.all(np.diff(pos, axis=-1) >= 0)  # ascending: each block's samples are consecutive
 
 
 def _sort_key_types(jaxpr):

@@ -24,11 +24,11 @@ from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pall
 
 
 def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_len,
-                    offsets=(3, 5)):
+                    offsets=(3, 5), ascending_samples=True):
   """Public-layout rows with the problem's window at ``offsets``; random permutations (key
-  padding sorted last, as sortLSH does) and samples drawn over the valid sorted positions. The
-  window promises ``all_keys_valid`` where no key is masked (as ``hyper_attention`` does without
-  a key mask)."""
+  padding sorted last, as sortLSH does) and samples drawn over the valid sorted positions
+  (ascending, as ``hyper_attention`` draws them, or in draw order). The window promises
+  ``all_keys_valid`` where no key is masked (as ``hyper_attention`` does without a key mask)."""
   ks = jax.random.split(jax.random.key(seed), 7)
   q_off, k_off = offsets
   window = RowWindow(q_off, q_len, k_off, k_len, all_keys_valid=min(n_valid) == k_len)
@@ -46,6 +46,7 @@ def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_l
   k_perm = perms(ks[4], (p, kh), nb * bs, k_len)
   n_valid = jnp.asarray(n_valid, jnp.int32)
   pos = jax.random.randint(ks[5], (p, kh, m), 0, jnp.maximum(n_valid, 1)[:, None, None])
+  pos = jnp.sort(pos, axis=-1) if ascending_samples else pos
   rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
   k_s = grouped_rows(k, rows, k_off)[:, :, 0]
   v_s = grouped_rows(v, rows, k_off)[:, :, 0]
@@ -102,6 +103,34 @@ def test_blocked_kernel_matches_xla(seed, shape, dtype, atol, sort_in_kernel):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
+
+
+def test_own_block_samples_masked_in_any_order(seed):
+  """Samples in draw order (not ascending): a block's samples spread over every chunk, which
+  must all mask them (forward and backward == XLA); ascending samples skip the select in the
+  chunks without the block's samples (every other test)."""
+  shape = BLOCKED[2]  # 48 samples: 3 chunks of 16
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, jnp.float32, n_valid, q_len, k_len,
+                                 ascending_samples=False)
+  q, k, v, _, _, k_s, v_s, _, _, log_w = args
+  assert np.any(np.diff(np.asarray(args[7]), axis=-1) < 0)
+  scale, bs = dims[-1] ** -0.5, dims[5]
+  kw = dict(scale=scale, block_size=bs, window=window, block_q=32, block_k=16)
+  stage = _xla_stage(args, scale, bs, window)
+  (ref_out, ref_lse), vjp = jax.vjp(stage, q, k, v, k_s, v_s, log_w)
+  out, lse = blocked_attention_pallas(*args, **kw)
+  np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+  _assert_lse_close(lse, ref_lse, 2e-5)
+  d_out, d_lse = _cotangents(seed, ref_out, ref_lse)
+  ref = list(vjp((d_out, d_lse)))
+  ref[0] = ref[0][:, window.q_offset:window.q_offset + q_len]
+  ref[1] = ref[1][:, window.k_offset:window.k_offset + k_len]
+  ref[2] = ref[2][:, window.k_offset:window.k_offset + k_len]
+  rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
+  grads = blocked_attention_bwd_pallas(*args, rows(d_out, 1), rows(ref_lse, 2),
+                                       rows(output_delta(ref_out, d_out, d_lse), 2), **kw)
+  _assert_grads_close(grads, ref, 1e-5)
 
 
 @pytest.mark.parametrize("k_len,key_bias", [(128, False), (120, True)])
