@@ -24,8 +24,9 @@ Backward (flash-style recomputation from an lse and ``delta = rowsum(dO * O) - d
 the kernel's own result, or of a merged result that contains it as a part, ``merge.py``; dO,
 lse and delta are read in q's rows, at the window's offset):
   * ``dq``: the forward's grid and key loop, accumulating ``dS K`` for its query tile;
-  * ``dk, dv`` of a block's keys: one program per ``block_k`` keys, looping over the block's query
-    tiles of every group head (no other block touches these keys, so no reduction);
+  * ``dk, dv`` of a block's keys: one program per two chunks of ``block_k`` keys, each looping
+    over the block's query tiles of every group head (no other block touches these keys, so no
+    reduction), the next chunk's rows loaded during the current chunk's loop;
   * ``dk, dv`` of the samples: every query block reaches them, so each program takes ``block_k``
     samples and a group of query blocks and writes a float32 partial; the partials of the
     groups are summed afterwards (no races, bounded extra memory).
