@@ -701,16 +701,16 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
     bias = jnp.broadcast_to(jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)[:, None],
                             (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
   samp = lambda x: _pad_to(_pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
-  s_blk = _pad_to((samp_pos // block_size).reshape(p * kh, m), 1, m_p, -1).astype(jnp.int32)
+  blk = (samp_pos // block_size).reshape(p * kh, m).astype(jnp.int32)  # each sample's block
   s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
                    _NEG_INF)
   # Each block's samples lie in columns [lo, hi) (one or two chunks when the positions are
-  # sorted, as hyper_attention draws them): only chunks there mask the query block's own keys.
+  # ascending, as hyper_attention draws them): only chunks there mask the query block's own
+  # samples.
   rows, col = jnp.arange(p * kh)[:, None], jnp.arange(m, dtype=jnp.int32)[None, :]
-  s_blk_m = s_blk[:, :m]
-  span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, s_blk_m].min(col),
-                    jnp.zeros((p * kh, nb), jnp.int32).at[rows, s_blk_m].max(col + 1)], axis=1)
-  samples = (samp(k_samp), samp(v_samp), s_bias, s_blk, span)
+  span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, blk].min(col),
+                    jnp.zeros((p * kh, nb), jnp.int32).at[rows, blk].max(col + 1)], axis=1)
+  samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1), span)
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
