@@ -253,8 +253,9 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
       ["cudnn"] if cudnn_lib.available(folded[0], None) else [])
   result = {**hashed, "levels": []}
   for kernel in kernels:
+    # out only, as in training: the lse gets no cotangent (cuDNN's backward can run).
     base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
-        q, k, v, None, True, scale, config.exact_chunk_size, kernel, False)
+        q, k, v, None, True, scale, config.exact_chunk_size, kernel)[0]
     result[f"base_case_{kernel}"] = _fwd_bwd_ms(base_fn, folded, 3)
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hyperattn_jax.perturbation import dense, nonzero, primal_values
+
 __all__ = ["flash_attention", "grouped_q", "kernel_forward", "kernel_backward"]
 
 _NEG_INF = float("-inf")
@@ -215,9 +217,9 @@ def _ones_mask(k):
   return jnp.ones(k.shape[:2], jnp.bool_)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
-                    implementation: str = "xla", lse_cotangent: bool = True):
+                    implementation: str = "xla"):
   """Exact attention with LSE in the public layout.
 
   q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool or None (every key
@@ -227,25 +229,25 @@ def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
 
   ``implementation``: ``"xla"`` (the chunked loops here, heads-major), ``"pallas"`` (the GPU
   kernels) or ``"cudnn"`` (cuDNN's fused kernels, see ``hyperattn_jax/cudnn.py``; key_mask
-  must be None). ``lse_cotangent=False`` promises that the caller never differentiates the
-  returned lse (it is dropped): the backward then ignores the lse cotangent, which lets the
-  cuDNN backward run; otherwise ``"cudnn"`` differentiates with the Pallas backward kernels.
+  must be None). The backward knows from its symbolic-zero cotangents
+  (``perturbation.py``) whether the lse is differentiated: where it is not (the caller drops
+  it, or nothing depends on it) the cuDNN backward runs; where it is, ``"cudnn"``
+  differentiates with the Pallas backward kernels (cuDNN's takes no lse cotangent).
   """
   return kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
 
 
-def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation, lse_cotangent):
+def _vjp_fwd(q, k, v, key_mask, causal, scale, chunk, implementation):
+  (q, k, v, key_mask), _ = primal_values((q, k, v, key_mask))
   out, lse = kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
   return (out, lse), (q, k, v, key_mask, out, lse)
 
 
-def _vjp_bwd(causal, scale, chunk, implementation, lse_cotangent, res, cotangents):
+def _vjp_bwd(causal, scale, chunk, implementation, res, cotangents):
   q, k, v, key_mask, out, lse = res
-  d_out, d_lse = cotangents
-  dq, dk, dv = kernel_backward(q, k, v, key_mask, out, lse, d_out,
-                               d_lse if lse_cotangent else None, causal, scale, chunk,
-                               implementation)
+  dq, dk, dv = kernel_backward(q, k, v, key_mask, out, lse, dense(cotangents[0]),
+                               nonzero(cotangents[1]), causal, scale, chunk, implementation)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-flash_attention.defvjp(_vjp_fwd, _vjp_bwd)
+flash_attention.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)

@@ -66,10 +66,10 @@ def _exact_implementation(q, key_mask, implementation):
   return implementation
 
 
-def _exact(q, k, v, key_mask, causal, scale, config, implementation, lse_cotangent=True):
+def _exact(q, k, v, key_mask, causal, scale, config, implementation):
   """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
   return flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
-                         _exact_implementation(q, key_mask, implementation), lse_cotangent)
+                         _exact_implementation(q, key_mask, implementation))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +322,6 @@ class _Recursion(NamedTuple):
   config: HyperAttentionConfig
   scale: float
   implementation: str
-  lse_cotangent: bool
   levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
 
 
@@ -404,8 +403,9 @@ def _level_grads(q, k, v, plan, d_out, lse, delta, rec: _Recursion, window: RowW
 
 def _recursion_bwd(rec: _Recursion, res, cotangents):
   q, k, v, plans, base_mask, out, lse, weight_grads = res
+  # No lse cotangent (a symbolic zero: the lse is dropped or unused): the base case may run
+  # cuDNN's backward, and no level's delta has an lse term.
   d_out, d_lse = dense(cotangents[0]), nonzero(cotangents[1])
-  d_lse = d_lse if rec.lse_cotangent else None
 
   # Base case first: its gradients start the accumulators (every row of q, k, v).
   parts = 2 ** len(plans)
@@ -435,7 +435,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
 _causal_recursion.defvjp(_recursion_fwd, _recursion_bwd, symbolic_zeros=True)
 
 
-def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cotangent):
+def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
   b, t, _, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
   tp = base * 2 ** levels
@@ -461,8 +461,7 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, lse_cot
   # excludes them from the base case (which lets cuDNN run it).
   base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
   out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
-                               _Recursion(config, scale, implementation, lse_cotangent,
-                                          windows))
+                               _Recursion(config, scale, implementation, windows))
   return out[:, :t], lse[..., :t]
 
 
@@ -490,12 +489,12 @@ def _pallas_available() -> bool:
 @functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation",
                                              "return_lse"))
 def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, return_lse):
-  """(out, lse), or out alone when not ``return_lse`` (then no lse cotangent can arrive)."""
+  """(out, lse), or out alone when not ``return_lse`` (the lse's cotangent is then a symbolic
+  zero, and so where the caller does not differentiate the returned lse)."""
   if causal and q.shape[1] > config.min_seq_len:
-    out, lse = _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation, return_lse)
+    out, lse = _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   elif causal or k.shape[1] <= max(config.min_seq_len, config.block_size):
-    out, lse = _exact(q, k, v, key_mask, causal, scale, config, implementation,
-                      lse_cotangent=return_lse)
+    out, lse = _exact(q, k, v, key_mask, causal, scale, config, implementation)
   else:
     out, lse = _hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
   return (out, lse) if return_lse else out
@@ -542,8 +541,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation",
                                              "return_lse"))
 def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, return_lse):
-  out, lse = flash_attention(q, k, v, key_mask, causal, scale, chunk_size, implementation,
-                             return_lse)
+  out, lse = flash_attention(q, k, v, key_mask, causal, scale, chunk_size, implementation)
   return (out, lse) if return_lse else out
 
 

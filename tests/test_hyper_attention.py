@@ -9,6 +9,7 @@ import pytest
 
 from conftest import jit_reference, make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import exact, hyper
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 
 SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min_seq_len=64,
@@ -40,6 +41,39 @@ def test_exact_attention_gradients(seed, causal):
   g_ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g_fast, g_ref):
     assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("attend", ["hyper_causal", "exact", "exact_causal"])
+def test_lse_cotangent_only_where_the_lse_is_differentiated(seed, attend, monkeypatch):
+  """The exact backward (exact attention, the causal recursion's base case) receives an lse
+  cotangent only where the caller differentiates the returned lse: a dropped or unused lse is
+  a symbolic zero, which lets the GPU base case run cuDNN's backward."""
+  seen = []
+
+  def spy(real):
+    def bwd(q, k, v, key_mask, out, lse, d_out, d_lse, *args):
+      seen.append(d_lse is not None)
+      return real(q, k, v, key_mask, out, lse, d_out, d_lse, *args)
+    return bwd
+
+  monkeypatch.setattr(hyper, "kernel_backward", spy(hyper.kernel_backward))
+  monkeypatch.setattr(exact, "kernel_backward", spy(exact.kernel_backward))
+  fn = (functools.partial(hyper_attention, rng=jax.random.key(seed), causal=True, config=SMALL)
+        if attend == "hyper_causal" else
+        functools.partial(exact_attention, causal=attend == "exact_causal", chunk_size=32))
+  q, k, v = make_qkv(seed, 1, 130, 130, 2, 1, 16)  # hyper: two levels over base blocks of 33
+
+  def loss(q, return_lse, lse_used):
+    res = fn(q, k, v, return_lse=return_lse)
+    if not return_lse:
+      return jnp.sum(res)
+    return jnp.sum(res[0]) + (jnp.sum(jnp.sin(res[1])) if lse_used else 0.0)
+
+  for return_lse, lse_used in ((False, False), (True, False), (True, True)):
+    seen.clear()
+    jax.clear_caches()  # trace the backward again
+    jax.grad(loss)(q, return_lse, lse_used)
+    assert seen == [lse_used], (return_lse, lse_used, seen)
 
 
 @pytest.mark.parametrize("causal", [False, True])
