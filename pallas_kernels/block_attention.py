@@ -52,9 +52,9 @@ rows (no repetition in HBM).
 Small per-call arrays (padded per block to whole tiles): key_bias ``[P, 1 or Nkv, nb * bs_p]``,
 q_perm ``[P, Nkv, G, nb * qb_p]``, k_perm ``[P, Nkv, nb * bs_p]`` int32, samples k/v
 ``[P*Nkv, m_p, H]``, sample_block ``[P*Nkv, m_p]`` int32 (-1 = padding), sample_bias
-``[P*Nkv, m_p]`` f32 (the log-weights times log2 e). The forward and dq find the sample
-columns of their query block's own samples in sample_block (one reduction per program) and
-select them away only in the chunks overlapping them (one or two for ascending samples).
+``[P*Nkv, m_p]`` f32 (the log-weights times log2 e), sample_span ``[P*Nkv, 2, nb]`` int32 (the
+sample columns ``[lo, hi)`` of each block's samples: the forward and dq select away a query
+block's own samples only in the chunks overlapping them, one or two for ascending samples).
 """
 
 from __future__ import annotations
@@ -219,12 +219,12 @@ class _Refs(NamedTuple):
   bias: object      # or None (``geo.key_bias`` False: every key valid)
   q_perm: object
   k_perm: object
-  samples: object   # (k, v, bias, block) or None
+  samples: object   # (k, v, bias, block[, span]) or None
 
 
 def _split_refs(refs, geo, n_samples):
-  """The kernel's key refs, and the rest; ``n_samples`` sample refs: 4 (k, v, bias, block), or
-  0 without samples."""
+  """The kernel's key refs, and the rest; ``n_samples`` sample refs: 5 (k, v, bias, block,
+  span) in the forward and dq, 4 (no span) in the samples' dk/dv, 0 without samples."""
   k, v, *refs = refs
   bias = None
   if geo.key_bias:
@@ -269,8 +269,8 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     carry = lax.fori_loop(0, n_chunks, functools.partial(key_chunk, masked=False), carry)
 
   if refs.samples is not None:
-    ks_ref, vs_ref, sb_ref, sblk_ref = refs.samples
-    lo, hi = _sample_span(sblk_ref[...], block)
+    ks_ref, vs_ref, sb_ref, sblk_ref, span_ref = refs.samples
+    lo, hi = span_ref[0, block], span_ref[1, block]
 
     def sample_chunk(j, carry):
       sl = pl.ds(j * bk, bk)
@@ -280,15 +280,6 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
       return step(carry, s, k, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
   return carry
-
-
-def _sample_span(sample_block, block):
-  """The columns ``[lo, hi)`` of ``sample_block`` ``[m_p]`` that hold samples of key block
-  ``block`` (``lo >= hi``: none)."""
-  col = lax.iota(jnp.int32, sample_block.shape[0])
-  own = sample_block == block
-  return (jnp.min(jnp.where(own, col, sample_block.shape[0])),
-          jnp.max(jnp.where(own, col + 1, 0)))
 
 
 def _own_block_masked(s, sample_block, block, col0, lo, hi):
@@ -311,7 +302,7 @@ def _query_tile(geo, refs):
 
 
 def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
-  refs, outs = _split_refs(refs, geo, 4 if has_samples else 0)
+  refs, outs = _split_refs(refs, geo, 5 if has_samples else 0)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   block_q, head_dim = q.shape
@@ -351,7 +342,7 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples):
-  refs, outs = _split_refs(refs, geo, 4 if has_samples else 0)
+  refs, outs = _split_refs(refs, geo, 5 if has_samples else 0)
   p, kv, head, block, tile, rows = _query_tile(geo, refs)
   q = _load_rows(q_ref, p, rows, head, geo.q_offset)
   do = _load_rows(do_ref, p, rows, head, geo.q_offset)
@@ -408,8 +399,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
       s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
       if bias is not None:
         s = s + bias[:, None]
-      if samples:  # (a select on every tile: a per-tile test of the block's sample columns
-        # measured slower here)
+      if samples:  # (a select on every tile: here the span's per-tile test measured slower)
         s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
       if masked:  # keys on the rows, queries on the columns
         s = _causal(s, tile * bq, col0, query_axis=1)
@@ -520,7 +510,7 @@ class _Inputs(NamedTuple):
   v: jax.Array
   bias: jax.Array | None  # None: no key bias row (``geo.key_bias`` False)
   perms: tuple          # (q_perm, k_perm) or ()
-  samples: tuple        # (k, v, bias, block) or ()
+  samples: tuple        # (k, v, bias, block, span) or ()
 
 
 def _bias_head(x: _Inputs, geo):
@@ -544,6 +534,7 @@ def _key_inputs(x: _Inputs, geo):
     m_p = x.samples[0].shape[1]
     specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
     specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
+    specs.append(_spec((None, 2, geo.num_blocks), lambda i, t, g: (i, 0, 0)))
   key_arrays = (x.k, x.v, x.bias) if geo.key_bias else (x.k, x.v)
   return specs, key_arrays + x.perms + x.samples
 
@@ -616,7 +607,7 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
       in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
       in_specs += [_spec((None, bk), lambda i, c, s: (i, s))] * 2
-      arrays += list(x.samples)
+      arrays += list(x.samples[:4])  # not the span
       part = (p * nkv, grid[1], m_p)
       out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
       out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
@@ -713,7 +704,13 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   blk = (samp_pos // block_size).reshape(p * kh, m).astype(jnp.int32)  # each sample's block
   s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
                    _NEG_INF)
-  samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1))
+  # Each block's samples lie in columns [lo, hi) (one or two chunks when the positions are
+  # ascending, as hyper_attention draws them): only chunks there mask the query block's own
+  # samples.
+  rows, col = jnp.arange(p * kh)[:, None], jnp.arange(m, dtype=jnp.int32)[None, :]
+  span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, blk].min(col),
+                    jnp.zeros((p * kh, nb), jnp.int32).at[rows, blk].max(col + 1)], axis=1)
+  samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1), span)
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
