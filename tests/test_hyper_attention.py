@@ -61,7 +61,7 @@ def test_lse_cotangent_only_where_the_lse_is_differentiated(seed, attend, monkey
   fn = (functools.partial(hyper_attention, rng=jax.random.key(seed), causal=True, config=SMALL)
         if attend == "hyper_causal" else
         functools.partial(exact_attention, causal=attend == "exact_causal", chunk_size=32))
-  q, k, v = make_qkv(seed, 1, 130, 130, 2, 1, 16)  # hyper: two levels over base blocks of 33
+  q, k, v = make_qkv(seed, 1, 70, 70, 2, 1, 16)  # hyper: one level over base blocks of 35
 
   def loss(q, return_lse, lse_used):
     res = fn(q, k, v, return_lse=return_lse)
@@ -69,9 +69,9 @@ def test_lse_cotangent_only_where_the_lse_is_differentiated(seed, attend, monkey
       return jnp.sum(res)
     return jnp.sum(res[0]) + (jnp.sum(jnp.sin(res[1])) if lse_used else 0.0)
 
+  jax.clear_caches()  # traces of the same shapes by other tests would not reach the spies
   for return_lse, lse_used in ((False, False), (True, False), (True, True)):
-    seen.clear()
-    jax.clear_caches()  # trace the backward again
+    seen.clear()  # each case traces its own backward (static return_lse, or a zero lse ct)
     jax.grad(loss)(q, return_lse, lse_used)
     assert seen == [lse_used], (return_lse, lse_used, seen)
 
