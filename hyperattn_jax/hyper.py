@@ -489,8 +489,8 @@ def _pallas_available() -> bool:
 @functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation",
                                              "return_lse"))
 def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, return_lse):
-  """(out, lse), or out alone when not ``return_lse`` (the lse's cotangent is then a symbolic
-  zero, and so where the caller does not differentiate the returned lse)."""
+  """(out, lse), or out alone when not ``return_lse``. Where the lse is dropped or not
+  differentiated, its cotangent is a symbolic zero and the backward has no lse term."""
   if causal and q.shape[1] > config.min_seq_len:
     out, lse = _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   elif causal or k.shape[1] <= max(config.min_seq_len, config.block_size):
