@@ -1,0 +1,160 @@
+"""Kernel backends on the blocked stage's shape: Pallas Triton vs Pallas Mosaic GPU vs cuDNN.
+
+A causal level at 131k runs 65536 query rows per head, each against 512 keys (its block and
+the samples). This benchmark times plain dense attention of that size and shape, with no
+gathers, masks or running rows: ``--blocks`` problems of ``--q_rows`` queries over ``--k_rows``
+keys. It compares:
+  * this library's Pallas (Triton) flash kernels (``exact.flash_attention``, "pallas");
+  * jax's Pallas Triton example kernel (``jax.experimental.pallas.ops.gpu.attention.mha``);
+  * jax's Pallas Mosaic GPU (wgmma, warp-specialised) example kernel
+    (``jax.experimental.pallas.ops.gpu.attention_mgpu``);
+  * cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``).
+It bounds what porting the blocked kernels to another backend could gain. GPU only.
+
+  python3 experiments/bench_backends.py --out=$OUT/backends.json   # + backends.png
+
+Each variant's output is checked against cuDNN's (max abs error in the JSON). Times are the
+median of synchronised calls and the pipelined device time per call, as in bench_attention.py.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hyperattn_jax import exact  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "backends.json", "Output JSON (the plot goes beside it).")
+flags.DEFINE_integer("blocks", 256, "Independent problems (folded into the batch).")
+flags.DEFINE_integer("q_rows", 256, "Query rows per problem.")
+flags.DEFINE_integer("k_rows", 512, "Key rows per problem.")
+flags.DEFINE_integer("heads", 32, "Heads.")
+flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16"], "Input dtype.")
+flags.DEFINE_integer("reps", 20, "Timed repetitions.")
+flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+
+
+def _variants(scale):
+  """{name: attention function (q, k, v) -> out} of every backend and tile setting."""
+  out = {"cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                                               implementation="cudnn"),
+         "ours_triton": lambda q, k, v: exact.flash_attention(q, k, v, None, False, scale, 512,
+                                                              "pallas")[0]}
+  from jax.experimental.pallas.ops.gpu import attention as triton_mha  # pylint: disable=g-import-not-at-top
+  # Its fused backward needs as many query blocks as key blocks.
+  bwd_q, bwd_k = max(16, 64 * FLAGS.q_rows // FLAGS.k_rows), 64
+  for bq, bk in ((64, 64), (128, 64)):
+    sizes = triton_mha.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bwd_q, block_kv_dkv=bwd_k,
+                                  block_q_dq=bwd_q, block_kv_dq=bwd_k)
+    out[f"jax_triton_mha_{bq}x{bk}"] = (
+        lambda q, k, v, s=sizes: triton_mha.mha(q, k, v, None, sm_scale=scale, block_sizes=s))
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  for bq, bk, steps in ((64, 64, 2), (64, 128, 2), (128, 64, 2), (128, 128, 2)):
+    config = mgpu.TuningConfig(block_q=bq, block_kv=bk, max_concurrent_steps=steps,
+                               block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    # jax's example applies no scale: the queries are pre-scaled (exact for powers of two).
+    out[f"jax_mosaic_mha_{bq}x{bk}"] = (
+        lambda q, k, v, c=config: mgpu.attention((q * scale).astype(q.dtype), k, v, c))
+  return out
+
+
+def _median_ms(fn, *args):
+  jax.block_until_ready(fn(*args))
+  for _ in range(FLAGS.warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(FLAGS.reps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return float(np.median(times)), (time.perf_counter() - t0) * 1e3 / FLAGS.reps
+
+
+def _plot(records, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = sorted({r["impl"] for r in records if "tflops" in r})
+  fig, ax = plt.subplots(figsize=(9, 4))
+  for i, mode in enumerate(("fwd", "fwdbwd")):
+    vals = [next((r["tflops"] for r in records if r["impl"] == n and r["mode"] == mode
+                  and "tflops" in r), 0.0) for n in names]
+    ax.bar(np.arange(len(names)) + 0.4 * i, vals, 0.4, label=mode)
+  ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("TFLOP/s (pipelined)")
+  ax.set_title(f"{FLAGS.blocks} x ({FLAGS.q_rows} q x {FLAGS.k_rows} k), {FLAGS.heads} heads, "
+               f"d={FLAGS.head_dim}, {FLAGS.dtype}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  dtype = jnp.dtype(FLAGS.dtype)
+  kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
+  shape_q = (FLAGS.blocks, FLAGS.q_rows, FLAGS.heads, FLAGS.head_dim)
+  shape_k = (FLAGS.blocks, FLAGS.k_rows, FLAGS.heads, FLAGS.head_dim)
+  q = jax.random.normal(kq, shape_q, jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, shape_k, jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, shape_k, jnp.float32).astype(dtype)
+  d_out = jax.random.normal(kd, shape_q, jnp.float32).astype(dtype)
+  scale = FLAGS.head_dim ** -0.5
+  fwd_flops = 4 * FLAGS.blocks * FLAGS.heads * FLAGS.q_rows * FLAGS.k_rows * FLAGS.head_dim
+  dev = jax.devices()[0]
+  meta = {"device": dev.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+          "shape_q": shape_q, "shape_kv": shape_k, "dtype": FLAGS.dtype, "reps": FLAGS.reps,
+          "fwd_flops": fwd_flops, "fwdbwd_flops": 3.5 * fwd_flops}
+  records = []
+  reference = {}  # cuDNN's results (the first variant)
+  for name, attn in _variants(scale).items():
+    for mode in ("fwd", "fwdbwd"):
+      rec = {"impl": name, "mode": mode}
+      try:
+        if mode == "fwd":
+          fn, args = jax.jit(attn), (q, k, v)
+        else:
+          fn = jax.jit(lambda q, k, v, g, a=attn: jax.vjp(a, q, k, v)[1](g))
+          args = (q, k, v, d_out)
+        out = fn(*args)
+        if name == "cudnn":
+          reference[mode] = out
+        if mode in reference:
+          rec["max_abs_err_vs_cudnn"] = jax.tree.leaves(jax.tree.map(
+              lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))),
+              out, reference[mode]))
+        med, pipelined = _median_ms(fn, *args)
+        rec.update(median_ms=med, pipelined_ms=pipelined,
+                   tflops=meta[f"{mode}_flops"] / pipelined / 1e9)
+      except Exception as e:  # pylint: disable=broad-except
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+      records.append(rec)
+      print(json.dumps(rec), flush=True)
+  Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+  _plot(records, str(Path(FLAGS.out).with_suffix(".png")))
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
