@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from hyperattn_jax import merge as merge_lib  # noqa: E402
 from hyperattn_jax.blocked import RowWindow  # noqa: E402
 from hyperattn_jax.folding import embed_rows  # noqa: E402
 from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
+from experiments import timing  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -79,28 +79,7 @@ flags.DEFINE_bool("breakdown_kernel_variants", True,
 
 
 def _median_ms(fn, *args):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  for _ in range(FLAGS.warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times), min(times), max(times)
-
-
-def _pipelined_ms(fn, *args):
-  """Mean ms per call of ``--reps`` calls issued back to back with one synchronisation at the
-  end: each call's dispatch and kernel launches overlap the previous call's GPU work, as inside
-  a larger jitted program (the device time of one call, launch gaps included)."""
-  t0 = time.perf_counter()
-  out = None
-  for _ in range(FLAGS.reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) * 1e3 / FLAGS.reps
+  return timing.synchronised_ms(fn, *args, reps=FLAGS.reps, warmup=FLAGS.warmup)
 
 
 def _memory_bytes(fn, *args):
@@ -317,7 +296,7 @@ def main(argv):
               jax.block_until_ready(fn(*args))
               first = time.perf_counter() - t0
               med, lo, hi = _median_ms(fn, *args)
-              pipelined = _pipelined_ms(fn, *args)
+              pipelined = timing.pipelined_ms(fn, *args, reps=FLAGS.reps)
               if med / 1e3 > FLAGS.time_cap_s:
                 capped.add(tag)
               flops = _flops(n, causal, mode, impl, config)

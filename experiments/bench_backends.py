@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import timing  # noqa: E402
 from hyperattn_jax import exact  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -72,23 +73,6 @@ def _variants():
                                block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
     out[f"jax_mosaic_mha_{bq}x{bk}_s{steps}"] = lambda q, k, v, c=config: mgpu.attention(q, k, v, c)
   return out
-
-
-def _median_ms(fn, *args):
-  jax.block_until_ready(fn(*args))
-  for _ in range(FLAGS.warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  t0 = time.perf_counter()
-  out = None
-  for _ in range(FLAGS.reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return float(np.median(times)), (time.perf_counter() - t0) * 1e3 / FLAGS.reps
 
 
 def _plot(records, path):
@@ -145,7 +129,8 @@ def main(argv):
           rec["max_abs_err_vs_cudnn"] = jax.tree.leaves(jax.tree.map(
               lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))),
               out, reference[mode]))
-        med, pipelined = _median_ms(fn, *args)
+        med = timing.synchronised_ms(fn, *args, reps=FLAGS.reps, warmup=FLAGS.warmup)[0]
+        pipelined = timing.pipelined_ms(fn, *args, reps=FLAGS.reps)
         rec.update(median_ms=med, pipelined_ms=pipelined,
                    tflops=meta[f"{mode}_flops"] / pipelined / 1e9)
       except Exception as e:  # pylint: disable=broad-except

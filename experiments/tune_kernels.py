@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from hyperattn_jax import blocked as blocked_lib  # noqa: E402
 from hyperattn_jax import exact as exact_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
 from hyperattn_jax import merge as merge_lib  # noqa: E402
+from experiments import timing  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,13 +60,7 @@ flags.DEFINE_float("max_err", 5e-2, "Largest abs error vs XLA for a tiling to co
 
 
 def _median_ms(fn, *args):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+  return timing.synchronised_ms(fn, *args, reps=FLAGS.reps)[0]
 
 
 def _max_err(out, ref):
