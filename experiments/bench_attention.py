@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from hyperattn_jax.blocked import RowWindow  # noqa: E402
 from hyperattn_jax.folding import embed_rows  # noqa: E402
 from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
 from experiments import timing  # noqa: E402
+from experiments import provenance  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -258,14 +258,11 @@ def main(argv):
                                 lsh_num_projs=FLAGS.lsh_num_projs, min_seq_len=FLAGS.min_seq_len)
   dtype = jnp.dtype(FLAGS.dtype)
   rng = jax.random.key(0)
-  dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-          "command": " ".join(sys.argv), "batch": FLAGS.batch, "heads": FLAGS.heads,
-          "kv_heads": FLAGS.kv_heads, "head_dim": FLAGS.head_dim, "dtype": FLAGS.dtype,
-          "config": dataclasses.asdict(config), "reps": FLAGS.reps,
-          "timing": "median_ms: median of reps, each call jit + block_until_ready, after warm-up; "
-                    "pipelined_ms: reps calls back to back, one block_until_ready, per call"}
+  meta = provenance.run_meta(
+      batch=FLAGS.batch, heads=FLAGS.heads, kv_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim,
+      dtype=FLAGS.dtype, config=dataclasses.asdict(config), reps=FLAGS.reps,
+      timing="median_ms: median of reps, each call jit + block_until_ready, after warm-up; "
+             "pipelined_ms: reps calls back to back, one block_until_ready, per call")
   records = []
   capped = set()
   print(f"{'n':>8} {'causal':>6} {'mode':>6} {'impl':>13} {'median_ms':>10} {'pipelined':>9} "

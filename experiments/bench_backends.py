@@ -21,9 +21,7 @@ median of synchronised calls and the pipelined device time per call, as in bench
 from __future__ import annotations
 
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 from absl import app
@@ -36,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import timing  # noqa: E402
+from experiments import provenance  # noqa: E402
 from hyperattn_jax import exact  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -106,11 +105,8 @@ def main(argv):
   v = jax.random.normal(kv, shape_k, jnp.float32).astype(dtype)
   d_out = jax.random.normal(kd, shape_q, jnp.float32).astype(dtype)
   fwd_flops = 4 * FLAGS.blocks * FLAGS.heads * FLAGS.q_rows * FLAGS.k_rows * FLAGS.head_dim
-  dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "jax": jax.__version__, "python": platform.python_version(),
-          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-          "shape_q": shape_q, "shape_kv": shape_k, "dtype": FLAGS.dtype, "reps": FLAGS.reps,
-          "fwd_flops": fwd_flops, "fwdbwd_flops": 3.5 * fwd_flops}
+  meta = provenance.run_meta(shape_q=shape_q, shape_kv=shape_k, dtype=FLAGS.dtype,
+                             reps=FLAGS.reps, fwd_flops=fwd_flops, fwdbwd_flops=3.5 * fwd_flops)
   records = []
   reference = {}  # cuDNN's results (the first variant)
   for name, attn in _variants().items():

@@ -16,9 +16,7 @@ GPU only (Mosaic GPU); the result is checked against ``jnp.take``.
 from __future__ import annotations
 
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 from absl import app
@@ -32,6 +30,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from experiments import timing  # noqa: E402
+from experiments import provenance  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "gather.json", "Output JSON.")
@@ -109,10 +108,8 @@ def main(argv):
       rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     records.append(rec)
     print(json.dumps(rec), flush=True)
-  dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "jax": jax.__version__, "python": platform.python_version(),
-          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-          "shape": [FLAGS.rows, FLAGS.head_dim], "dtype": "bfloat16", "bytes_moved": nbytes}
+  meta = provenance.run_meta(shape=[FLAGS.rows, FLAGS.head_dim], dtype="bfloat16",
+                             bytes_moved=nbytes)
   Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
   plot(records, str(Path(FLAGS.out).with_suffix(".png")))

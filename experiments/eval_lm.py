@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from experiments.lm import data as data_lib  # noqa: E402
 from experiments.lm import model as model_lib  # noqa: E402
 from experiments.lm import train as train_lib  # noqa: E402
+from experiments import provenance  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
                     required=True)
@@ -81,8 +82,7 @@ def main(argv):
   rows = run(FLAGS.workdir, FLAGS.patch_last_layers, FLAGS.seq_len, FLAGS.eval_batches,
              FLAGS.timing_reps)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_patching.json")
-  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+  meta = provenance.run_meta()
   with open(out, "w", encoding="utf-8") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"{'L':>3} {'loss':>8} {'ppl':>8} {'prefill_ms':>11}")

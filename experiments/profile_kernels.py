@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments import provenance  # noqa: E402
+
 from hyperattn_jax import HyperAttentionConfig, hyper_attention  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -90,10 +92,8 @@ def main(argv):
                      "launches_per_call": count / FLAGS.reps}
                     for name, (ns, count) in totals.items()), key=lambda r: -r["ms_per_call"])
   gpu_ms = sum(r["ms_per_call"] for r in kernels)
-  result = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                     "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                     "n": FLAGS.n, "causal": FLAGS.causal, "mode": FLAGS.mode,
-                     "impl": FLAGS.impl, "config": str(config)},
+  result = {"meta": provenance.run_meta(n=FLAGS.n, causal=FLAGS.causal, mode=FLAGS.mode,
+                                       impl=FLAGS.impl, config=str(config)),
             "wall_ms_per_call_traced": wall_ms, "kernel_ms_per_call": gpu_ms,
             "kernels": kernels[:FLAGS.top]}
   print(f"{FLAGS.mode} n={FLAGS.n} causal={FLAGS.causal}: kernels {gpu_ms:.2f} ms/call "

@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from hyperattn_jax import HyperAttentionConfig  # noqa: E402
 from hyperattn_jax.diagnostics import attention_diagnostics  # noqa: E402
+from experiments import provenance  # noqa: E402
 
 flags.DEFINE_enum("source", "random", ["random", "planted", "checkpoint"], "Where q/k/v come from.")
 flags.DEFINE_string("workdir", None, "Training workdir (source=checkpoint).")
@@ -175,8 +175,7 @@ def main(argv):
                                                         FLAGS.lsh_num_projs))))
   rows = study(layers, grid, FLAGS.seed, FLAGS.chunk_size, FLAGS.estimators,
                FLAGS.approx_d_kappa)
-  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+  meta = provenance.run_meta()
   with open(os.path.join(FLAGS.out_dir, "quality.json"), "w", encoding="utf-8") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   plot(rows, FLAGS.out_dir)

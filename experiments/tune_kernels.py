@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 from absl import app
@@ -36,6 +35,7 @@ from hyperattn_jax import exact as exact_lib  # noqa: E402
 from hyperattn_jax import lsh  # noqa: E402
 from hyperattn_jax import merge as merge_lib  # noqa: E402
 from experiments import timing  # noqa: E402
+from experiments import provenance  # noqa: E402
 import pallas_kernels  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -181,8 +181,7 @@ def main(argv):
         rec["median_ms"] < best.get(rec["kernel"], {}).get("median_ms", np.inf)):
       best[rec["kernel"]] = rec
   print("best:", best)
-  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+  meta = provenance.run_meta()
   Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records, "best": best},
                                         indent=1))
 
