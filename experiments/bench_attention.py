@@ -322,8 +322,7 @@ def main(argv):
             bd = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
           records.append({"n": n, "causal": causal, "impl": impl, "breakdown": bd})
           print(f"breakdown n={n} causal={causal} {impl}: {json.dumps(bd)}", flush=True)
-    Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    provenance.write_results(FLAGS.out, meta, records=records)
   print(f"wrote {FLAGS.out}")
 
 

@@ -133,8 +133,7 @@ def main(argv):
         rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
       records.append(rec)
       print(json.dumps(rec), flush=True)
-  Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+  provenance.write_results(FLAGS.out, meta, records=records)
   _plot(records, str(Path(FLAGS.out).with_suffix(".png")))
   print(f"wrote {FLAGS.out}")
 

@@ -110,8 +110,7 @@ def main(argv):
     print(json.dumps(rec), flush=True)
   meta = provenance.run_meta(shape=[FLAGS.rows, FLAGS.head_dim], dtype="bfloat16",
                              bytes_moved=nbytes)
-  Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+  provenance.write_results(FLAGS.out, meta, records=records)
   plot(records, str(Path(FLAGS.out).with_suffix(".png")))
   print(f"wrote {FLAGS.out}")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import jax
 
@@ -16,3 +18,10 @@ def run_meta(**fields) -> dict:
   return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
           "command": " ".join(sys.argv), **fields}
+
+
+def write_results(path, meta: dict, **parts) -> None:
+  """Writes ``{"meta": meta, **parts}`` as indented JSON to ``path`` (parents created)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"meta": meta, **parts}, indent=1))

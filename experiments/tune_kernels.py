@@ -17,7 +17,6 @@ is timed in the same run for comparison:
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -181,9 +180,7 @@ def main(argv):
         rec["median_ms"] < best.get(rec["kernel"], {}).get("median_ms", np.inf)):
       best[rec["kernel"]] = rec
   print("best:", best)
-  meta = provenance.run_meta()
-  Path(FLAGS.out).write_text(json.dumps({"meta": meta, "records": records, "best": best},
-                                        indent=1))
+  provenance.write_results(FLAGS.out, provenance.run_meta(), records=records, best=best)
 
 
 if __name__ == "__main__":
