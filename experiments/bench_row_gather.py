@@ -46,6 +46,9 @@ def copy_rows(x, idx, *, rows_per_program: int, per_row: bool):
   consecutive rows when ``per_row`` is False, ignoring ``idx``) and stores the tile."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   m, d, t = idx.shape[0], x.shape[1], rows_per_program
+  if m % t:
+    raise ValueError(f"len(idx)={m} must be a multiple of rows_per_program={t} (one tile per "
+                     "program; a partial last tile would be dropped)")
 
   def body(idx_ref, x_ref, y_ref):
     b = lax.axis_index("b")
