@@ -31,9 +31,9 @@ lse and delta are read in q's rows, at the window's offset):
     samples and a group of query blocks and writes a float32 partial; the partials of the
     groups are summed afterwards (no races, bounded extra memory).
 
-Running arrays (``into=``, a causal level of the recursion): the forward starts its online
-softmax from the running (out, lse) of its query rows, ``(m, l, acc) = (lse, 1, out)``, and
-writes the merged rows back; dq and the own keys' dk/dv add into the running gradients' rows.
+Running arrays (``into=``, a causal level of the recursion): after its key loop the forward
+merges its (unnormalised) result with the running (out, lse) of its query rows by log-sum-exp
+and writes the merged rows back; dq and the own keys' dk/dv add into the running gradients' rows.
 The running arrays are aliased inputs/outputs (``input_output_aliases``: updated in place, no
 merge or scatter pass); each program owns its rows, so there are no races.
 
@@ -317,18 +317,25 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + _dot(p_.astype(v.dtype),
                                                                               v)
 
-  if geo.accumulate:  # start from the running (out, lse) of these rows: (m, l) = (lse, 1)
-    out_in, lse_in, o_ref, lse_ref = outs
-    m = _load_running_lse(geo, lse_in, p, rows, head) * _LOG2E
-    has = m > _NEG_INF
-    init = (m, jnp.where(has, 1.0, 0.0), jnp.where(
-        has[:, None], _load_rows(out_in, p, rows, head, geo.q_offset).astype(jnp.float32), 0.0))
-  else:
-    o_ref, lse_ref = outs
-    init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-            jnp.zeros((block_q, head_dim), jnp.float32))
+  init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+          jnp.zeros((block_q, head_dim), jnp.float32))
   m, l, acc = _visit_keys(step, init, q, tile * block_q, block, refs, p, kv, geo=geo,
                           scale=scale)
+  if geo.accumulate:
+    # Merge with the running (out, lse) of these rows, read only now: read before the key loop
+    # (to start from them, or to keep them in registers) the level kernel took 5-15% longer.
+    # Running rows without keys (lse -inf, weight 0) hold zeros, as every writer stores them
+    # (a select guarding against other values there cost 1-3%).
+    out_in, lse_in, o_ref, lse_ref = outs
+    m_run = _load_running_lse(geo, lse_in, p, rows, head) * _LOG2E
+    m_tot = jnp.maximum(m, m_run)
+    m_safe = jnp.where(m_tot == _NEG_INF, 0.0, m_tot)
+    alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_run - m_safe)
+    out_run = _load_rows(out_in, p, rows, head, geo.q_offset).astype(jnp.float32)
+    acc = acc * alpha[:, None] + out_run * beta[:, None]
+    m, l = m_safe, l * alpha + beta
+  else:
+    o_ref, lse_ref = outs
   has = l > 0
   l_safe = jnp.where(has, l, 1.0)
   out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
@@ -768,7 +775,8 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
   log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse ``[P, N, q_len]`` float32.
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``): returned with the result merged into the window's query rows, in place
-  in the kernel (where it reads rows by index and head_dim needs no padding; else by XLA).
+  in the kernel (where it reads rows by index and head_dim needs no padding; else by XLA). Its
+  rows with lse ``-inf`` get weight 0 and must hold finite values (zeros, as written here).
   ``sort_in_kernel=False`` gathers sorted copies in XLA first (the alternative, to compare).
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,

@@ -63,16 +63,17 @@ def test_samples_cover_only_valid_positions(seed):
   assert np.all(np.diff(pos, axis=-1) >= 0)  # ascending: each block's samples are consecutive
 
 
-def _sort_key_types(jaxpr):
-  """The first operand's dtype of every sort in a jaxpr, nested calls included."""
+def _sort_key_types(jaxpr, operand=0):
+  """The dtype of operand ``operand`` (0: the key, 1: the value) of every sort in a jaxpr,
+  nested calls included."""
   types = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "sort":
-      types.append(str(eqn.invars[0].aval.dtype))
+      types.append(str(eqn.invars[operand].aval.dtype))
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
-        types += _sort_key_types(inner)
+        types += _sort_key_types(inner, operand)
   return types
 
 
@@ -99,3 +100,15 @@ def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs, masked, r
     np.testing.assert_array_equal(np.asarray(perm)[..., :n], np.argsort(code, axis=-1,
                                                                         kind="stable"))
     assert np.all(np.asarray(perm)[..., n:] == -1)
+
+
+# The row index rides along as a 16-bit value where every array's rows fit, else 32-bit.
+@pytest.mark.parametrize("rows,value_type", [(2 ** 16, "uint16"), (2 ** 16 + 5, "uint32")])
+def test_perms_row_index_value_fits_the_rows(seed, rows, value_type):
+  rng = np.random.default_rng(seed)
+  codes = (rng.integers(0, 2 ** 7, size=(2, rows)).astype(np.int32),
+           rng.integers(0, 2 ** 7, size=(1, 300)).astype(np.int32))
+  fn = lambda *c: _perms(c, (rows, 300), 7, False)
+  assert _sort_key_types(jax.make_jaxpr(fn)(*codes).jaxpr, operand=1) == [value_type]
+  for code, perm in zip(codes, jax.jit(fn)(*codes)):
+    np.testing.assert_array_equal(np.asarray(perm), np.argsort(code, axis=-1, kind="stable"))
