@@ -63,7 +63,7 @@ def test_samples_cover_only_valid_positions(seed):
   assert np.all(np.diff(pos, axis=-1) >= 0)  # ascending: each block's samples are consecutive
 
 
-def _sort_key_types(jaxpr, operand=0):
+def _sort_operand_types(jaxpr, operand=0):
   """The dtype of operand ``operand`` (0: the key, 1: the value) of every sort in a jaxpr,
   nested calls included."""
   types = []
@@ -73,7 +73,7 @@ def _sort_key_types(jaxpr, operand=0):
     for param in eqn.params.values():
       inner = getattr(param, "jaxpr", param)
       if hasattr(inner, "eqns"):
-        types += _sort_key_types(inner, operand)
+        types += _sort_operand_types(inner, operand)
   return types
 
 
@@ -92,7 +92,7 @@ def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs, masked, r
   for code in codes:
     code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
   fn = lambda *c: _perms(c, rows, num_projs, masked)
-  assert _sort_key_types(jax.make_jaxpr(fn)(*codes).jaxpr) == [key_type] * sorts
+  assert _sort_operand_types(jax.make_jaxpr(fn)(*codes).jaxpr) == [key_type] * sorts
   perms = jax.jit(fn)(*codes)
   for code, perm, r in zip(codes, perms, rows):
     n = code.shape[-1]
@@ -109,6 +109,6 @@ def test_perms_row_index_value_fits_the_rows(seed, rows, value_type):
   codes = (rng.integers(0, 2 ** 7, size=(2, rows)).astype(np.int32),
            rng.integers(0, 2 ** 7, size=(1, 300)).astype(np.int32))
   fn = lambda *c: _perms(c, (rows, 300), 7, False)
-  assert _sort_key_types(jax.make_jaxpr(fn)(*codes).jaxpr, operand=1) == [value_type]
+  assert _sort_operand_types(jax.make_jaxpr(fn)(*codes).jaxpr, operand=1) == [value_type]
   for code, perm in zip(codes, jax.jit(fn)(*codes)):
     np.testing.assert_array_equal(np.asarray(perm), np.argsort(code, axis=-1, kind="stable"))
