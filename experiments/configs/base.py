@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3           # peak of warmup + cosine decay
   c.warmup_steps = 100
   c.min_learning_rate_ratio = 0.1  # final lr = ratio * peak
+  c.decay_steps = config_dict.placeholder(int)  # end of the cosine (None: num_steps); then final lr
   c.weight_decay = 0.1
   c.grad_clip_norm = 1.0
   c.answer_weight = 1.0            # loss weight of retrieval answer tokens (text: 1)
@@ -23,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.hyper_last_layers = -1         # with attention="hyper": the last L layers (-1: all)
   c.implementation = config_dict.placeholder(str)  # None (auto) | "xla" | "pallas"
   c.hyper = ml_collections.ConfigDict(dict(
-      block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096))
+      block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096, sink_size=0,
+      local_window=0))
 
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,

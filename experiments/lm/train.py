@@ -77,6 +77,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config[name]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+  if config.decay_steps is not None and not (isinstance(config.decay_steps, int) and
+                                             0 < config.decay_steps <= config.num_steps):
+    raise ValueError(f"config.decay_steps must be None or an int in (0, num_steps], got "
+                     f"{config.decay_steps!r}")
   if not config.answer_weight > 0:
     raise ValueError(f"config.answer_weight must be > 0, got {config.answer_weight!r}")
   for phase in curriculum(config):
@@ -126,7 +130,7 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> model_lib.Tr
 def _optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.num_steps, config.warmup_steps + 1),
+      decay_steps=max(config.decay_steps or config.num_steps, config.warmup_steps + 1),
       end_value=config.learning_rate * config.min_learning_rate_ratio)
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
