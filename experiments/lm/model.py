@@ -64,9 +64,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: attention then SwiGLU."""
+  """Pre-norm residual block: attention then SwiGLU (``decode``: see ``Transformer``)."""
   cfg: TransformerConfig
   mode: str
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -75,22 +76,27 @@ class Block(nn.Module):
     x = x + HyperAttention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                            head_dim=cfg.head_dim, causal=True, mode=self.mode, config=cfg.hyper,
                            implementation=cfg.implementation, rope_base=cfg.rope_base,
-                           dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="attention")(norm("attn_norm")(x))
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, decode=self.decode,
+                           name="attention")(norm("attn_norm")(x))
     return x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
 
 
 class Transformer(nn.Module):
-  """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32."""
+  """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32.
+
+  ``decode=True``: autoregressive decoding with each attention layer's KV cache (the ``"cache"``
+  collection; see ``HyperAttention.decode``): a call creating the cache on ``[batch,
+  max_len]`` tokens, then the prompt (prefill), then one token per call.
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, decode: bool = False):
     cfg = self.cfg
     x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  name="embed")(tokens)
     for i, mode in enumerate(attention_modes(cfg)):
-      x = Block(cfg, mode, name=f"layer_{i}")(x)
+      x = Block(cfg, mode, decode, name=f"layer_{i}")(x)
     x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, name="lm_head")(x)
