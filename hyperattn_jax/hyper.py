@@ -383,11 +383,8 @@ def _window_views(x, parts: int, window: RowWindow):
 def _exact_part_args(q, k, v, row_mask, parts: int, window: RowWindow):
   """q rows ``[P, q_len, N, H]``, k/v rows ``[P, k_len, Nkv, H]`` and their key mask (or None)
   of an exact part."""
-  q_rows, _ = _window_views(q, parts, window)
-  k_rows = _window_views(k, parts, window)[1]
-  v_rows = _window_views(v, parts, window)[1]
-  mask = None if row_mask is None else _window_views(row_mask, parts, window)[1]
-  return q_rows, k_rows, v_rows, mask
+  keys = lambda x: None if x is None else _window_views(x, parts, window)[1]
+  return _window_views(q, parts, window)[0], keys(k), keys(v), keys(row_mask)
 
 
 def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
@@ -395,10 +392,10 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
 
   First exact causal attention on the diagonal base blocks (one batched call: cuDNN on GPU where
   it can run it, else the Pallas/XLA flash loops) and the options' exactly attended keys (sinks,
-  band: ``rec.exact_parts``); then level ``d``: the ``2**d`` lower-left
-  quadrants at once, batched (row windows of the folded views of the same arrays), through the
-  non-causal algorithm, merged into the running (out, lse) of their query rows (in place in the
-  Pallas kernel).
+  band: ``rec.exact_parts``); then level ``d``: the ``2**d`` lower-left quadrants at once,
+  batched (row windows of the folded views of the same arrays), through the non-causal
+  algorithm, merged into the running (out, lse) of their query rows (in place in the Pallas
+  kernel).
   """
   parts = 2 ** len(plans)
   fold = lambda x: fold_rows(x, parts)
