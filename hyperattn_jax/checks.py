@@ -60,7 +60,11 @@ def check_qkv(q, k, v, causal: bool) -> Dims:
 
 
 def check_key_mask(key_mask, key_value_seq_lengths, dims: Dims) -> jax.Array | None:
-  """Returns a ``[batch, kv_seq]`` bool mask (True = attend) or None for 'all keys valid'."""
+  """Returns a ``[batch, kv_seq]`` bool mask (True = attend) or None for 'all keys valid'.
+
+  Concrete ``key_value_seq_lengths`` must lie in ``[0, kv_seq]``; traced ones (under jit)
+  cannot be checked and act as if clamped to that range (below 0: no key; above: every key).
+  """
   if key_mask is not None and key_value_seq_lengths is not None:
     raise ValueError("pass at most one of key_mask and key_value_seq_lengths")
   if key_value_seq_lengths is not None:
@@ -68,6 +72,11 @@ def check_key_mask(key_mask, key_value_seq_lengths, dims: Dims) -> jax.Array | N
     if lengths.shape != (dims.batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
       raise ValueError(f"key_value_seq_lengths must be an int array of shape [batch] = "
                        f"({dims.batch},), got {lengths.dtype}{tuple(lengths.shape)}")
+    if not isinstance(lengths, jax.core.Tracer):
+      values = np.asarray(lengths)
+      if values.min() < 0 or values.max() > dims.kv_len:
+        raise ValueError(f"key_value_seq_lengths must lie in [0, kv_seq] = [0, {dims.kv_len}], "
+                         f"got {values.tolist()}")
     return jnp.arange(dims.kv_len)[None, :] < lengths[:, None]
   if key_mask is None:
     return None
@@ -96,9 +105,13 @@ def check_rng(rng) -> None:
     raise ValueError("rng must be a jax.random key (jax.random.key(0) or PRNGKey(0)); the LSH "
                      "projections and the samples are drawn from it")
   rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
-  if not (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or
-          (rng.dtype == jnp.uint32 and rng.shape[-1:] == (2,))):
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if not typed and rng.dtype != jnp.uint32:
     raise TypeError(f"rng must be a single jax.random key, got {rng.dtype}{tuple(rng.shape)}")
-  if rng.shape not in ((), (2,)):
-    raise ValueError(f"rng must be a single jax.random key, got shape {tuple(rng.shape)}; "
-                     "use jax.vmap to map over several keys")
+  # One key: a typed key has shape (), a raw uint32 key (jax.random.PRNGKey) shape (2,). A typed
+  # key array of shape (2,) is a split pair, not one raw key.
+  if rng.shape != (() if typed else (2,)):
+    kind = "typed key array" if typed else "raw uint32 key array"
+    raise ValueError(f"rng must be a single jax.random key (a typed key of shape () or a raw "
+                     f"uint32 key of shape (2,)), got a {kind} of shape {tuple(rng.shape)}; "
+                     "pass one of them (e.g. keys[0]) or jax.vmap over the keys")

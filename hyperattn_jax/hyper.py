@@ -531,8 +531,10 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
     config: :class:`HyperAttentionConfig` (default: the paper's benchmark settings).
     scale: logit scale, ``1/sqrt(head_dim)`` when None.
     key_mask: optional ``[batch, kv_seq]`` bool, False keys get no weight.
-    key_value_seq_lengths: optional ``[batch]`` int, keys at and beyond the length get no weight
-      (``jax.nn.dot_product_attention``'s convention); at most one of the two masks.
+    key_value_seq_lengths: optional ``[batch]`` int in ``[0, kv_seq]``, keys at and beyond the
+      length get no weight (``jax.nn.dot_product_attention``'s convention); at most one of the
+      two masks. Out-of-range lengths are refused where concrete; traced ones act as if clamped
+      to ``[0, kv_seq]``.
     return_lse: also return the log-sum-exp of the (approximate) scores, ``[batch, heads,
       q_seq]`` float32.
     implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``.
