@@ -98,7 +98,9 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
   key padding mask (see :func:`_key_mask_from_flax_mask`), ``dtype`` (computation dtype),
   ``deterministic``/``dropout_rate`` without dropout. Refused with a ValueError: a dense
   ``bias``, attention dropout (``dropout_rate > 0`` and not ``deterministic``), a custom
-  ``precision`` or einsum override, and inputs with more than one batch axis.
+  ``precision`` or einsum override, inputs with more than one batch axis, and
+  ``sow_weights=True`` (flax then passes ``module``: HyperAttention never forms the dense
+  attention weights, so there are none to sow).
   """
   config = HyperAttentionConfig() if config is None else config
   if not isinstance(config, HyperAttentionConfig):
@@ -109,6 +111,10 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
                    precision=None, module=None, force_fp32_for_softmax=False,
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None):
     del broadcast_dropout, dropout_rng, force_fp32_for_softmax  # softmax is always fp32
+    if module is not None:  # flax passes the module only to sow the attention weights
+      raise ValueError("sow_weights=True is not supported: HyperAttention never forms the dense "
+                       "[batch, heads, q_len, kv_len] attention weights, so there are none to "
+                       "sow; call the layer with sow_weights=False")
     if bias is not None:
       raise ValueError("HyperAttention cannot add a dense attention bias (bias must be None)")
     if dropout_rate > 0.0 and not deterministic:
@@ -125,8 +131,7 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
       query, key, value = (x.astype(dtype) for x in (query, key, value))
     key_mask = None if mask is None else _key_mask_from_flax_mask(
         mask, query.shape[0], query.shape[1], key.shape[1], causal)
-    caller = module if module is not None else _calling_module()
-    return hyper_attention(query, key, value, rng=module_rng(caller, rng_stream),
+    return hyper_attention(query, key, value, rng=module_rng(_calling_module(), rng_stream),
                            causal=causal, config=config, key_mask=key_mask,
                            implementation=implementation)
 
