@@ -26,10 +26,13 @@ def micro_config(**overrides):
   return c
 
 
-def _train_losses(workdir):
+def _metric_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+  return {r["step"]: r["loss"] for r in _metric_rows(workdir) if r["split"] == "train"}
 
 
 def test_loss_falls_and_eval_patching_runs(tmp_path):
@@ -56,6 +59,10 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 9))
   for step in range(1, 9):
     assert a[step] == b[step], (step, a[step], b[step])
+  # One row per (step, split): the rows of steps 4 and 5, trained again after the resume, are
+  # not repeated (they once were).
+  rows = lambda run: [(r["step"], r["split"]) for r in _metric_rows(tmp_path / run)]
+  assert rows("b") == rows("a")
 
 
 def test_invalid_config_values_raise_clear_errors():
