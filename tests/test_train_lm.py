@@ -88,6 +88,23 @@ def test_command_line_overrides(tmp_path):
   assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
 
 
+def test_logging_is_quiet_unless_verbosity_is_given(tmp_path):
+  """orbax's and jax's INFO lines (every checkpoint step) ran through the progress bar; absl's
+  --verbosity=0 brings them back (the second run resumes at the last step: no training)."""
+  micro = ["--config.num_steps=2", "--config.checkpoint_every=1", "--config.eval_every=2",
+           "--config.eval_batches=1", "--config.seq_len=64", "--config.batch_size=2",
+           "--config.eval_batch_size=2", "--config.model.num_layers=1", "--config.model.d_model=32",
+           "--config.model.mlp_dim=64", "--config.model.head_dim=8"]
+  run = lambda *extra: subprocess.run(
+      [sys.executable, "experiments/train_lm.py", "--config=experiments/configs/tiny.py",
+       f"--workdir={tmp_path}", *micro, *extra], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, check=True)
+  info = lambda stderr: [line for line in stderr.splitlines() if line.startswith("I")]
+  quiet = run()
+  assert "train_loss" in quiet.stdout and not info(quiet.stderr), info(quiet.stderr)[:3]
+  assert any("checkpoint" in line for line in info(run("--verbosity=0").stderr))
+
+
 def test_data_errors_and_determinism(tmp_path):
   with pytest.raises(ValueError, match="config.data.path"):
     data_lib.load_corpus(str(tmp_path / "missing"))
