@@ -20,8 +20,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from hyperattn_jax.checks import key_mask_from_attention_mask
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import exact_attention, hyper_attention
 from hyperattn_jax.rope import apply_rope
@@ -45,44 +45,6 @@ def _calling_module() -> nn.Module | None:
   return stack[-1] if stack else None
 
 
-def _key_mask_from_flax_mask(mask, batch: int, q_len: int, kv_len: int, causal: bool):
-  """``[batch, kv_len]`` key mask equivalent to a flax ``[batch, heads, q, kv]`` mask, or error.
-
-  HyperAttention supports key padding (and causal masking through ``causal=True``), not
-  arbitrary masks. A mask with head and query axes of size 1 is a key mask. A concrete mask of
-  another shape is accepted when it equals (key mask) [AND (causal lower triangle)]; a traced
-  one cannot be checked and is refused.
-  """
-  if (not hasattr(mask, "shape") or mask.ndim != 4 or mask.shape[0] not in (1, batch) or
-      mask.shape[2] not in (1, q_len) or mask.shape[-1] != kv_len):
-    raise ValueError(f"mask must be [batch, heads|1, q_len|1, kv_len] = [{batch}, ., ., {kv_len}]"
-                     f", got shape {tuple(mask.shape)}")
-  mask = mask.astype(bool)
-  if mask.shape[1] == 1 and mask.shape[2] == 1:
-    return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
-  try:
-    m = np.asarray(mask)
-  except jax.errors.TracerArrayConversionError:
-    raise ValueError(
-        f"mask of shape {tuple(mask.shape)} is traced and may depend on the head or query; "
-        "HyperAttention supports key padding only: pass a [batch, 1, 1, kv_len] mask (e.g. "
-        "mask[:, :1, :1, :] of a padding mask) and express causal masking with "
-        "make_attention_fn(causal=True)") from None
-  m = np.broadcast_to(m, m.shape[:2] + (q_len, kv_len))
-  keys = m.any(axis=(1, 2))                                                   # [b|1, kv]
-  expected = np.broadcast_to(keys[:, None, None, :], m.shape)
-  if causal:
-    expected = expected & np.tril(np.ones((q_len, kv_len), bool))
-  # Rows the mask empties entirely (padded queries) are unconstrained: flax returns an
-  # arbitrary average there, HyperAttention attends to the valid keys.
-  if not np.array_equal(m, expected & m.any(axis=-1, keepdims=True)):
-    raise ValueError(
-        "mask is not a key padding mask" + (" combined with the causal mask" if causal else "") +
-        ": HyperAttention cannot apply arbitrary masks; pass a [batch, 1, 1, kv_len] key mask "
-        "and set make_attention_fn(causal=...)")
-  return jnp.broadcast_to(jnp.asarray(keys), (batch, kv_len))
-
-
 def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: bool = False,
                       implementation: str | None = None, rng_stream: str = "hyper") -> Callable:
   """An ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` using HyperAttention.
@@ -95,8 +57,8 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
 
   The returned function takes query ``[batch, q_len, heads, head_dim]``, key/value
   ``[batch, kv_len, heads, head_dim]`` and flax's keyword arguments. Supported: ``mask`` as a
-  key padding mask (see :func:`_key_mask_from_flax_mask`), ``dtype`` (computation dtype),
-  ``deterministic``/``dropout_rate`` without dropout. Refused with a ValueError: a dense
+  key padding mask (see :func:`hyperattn_jax.checks.key_mask_from_attention_mask`), ``dtype``
+  (computation dtype), ``deterministic``/``dropout_rate`` without dropout. Refused with a ValueError: a dense
   ``bias``, attention dropout (``dropout_rate > 0`` and not ``deterministic``), a custom
   ``precision`` or einsum override, inputs with more than one batch axis, and
   ``sow_weights=True`` (flax then passes ``module``: HyperAttention never forms the dense
@@ -129,8 +91,9 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
                        f"shape {tuple(query.shape)}")
     if dtype is not None:
       query, key, value = (x.astype(dtype) for x in (query, key, value))
-    key_mask = None if mask is None else _key_mask_from_flax_mask(
-        mask, query.shape[0], query.shape[1], key.shape[1], causal)
+    key_mask = None if mask is None else key_mask_from_attention_mask(
+        mask, query.shape[0], query.shape[1], key.shape[1], causal,
+        causal_arg="make_attention_fn(causal=True)")
     return hyper_attention(query, key, value, rng=module_rng(_calling_module(), rng_stream),
                            causal=causal, config=config, key_mask=key_mask,
                            implementation=implementation)
