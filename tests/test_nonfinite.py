@@ -28,9 +28,13 @@ def _poisoned(seed, seq):
   return q, k, v, lengths
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq", [24, 64])
+# (implementation, causal, seq): the exact regime once (XLA and Pallas share their guards with
+# the blocked stage and the causal base case), the approximation on both paths.
+CASES = [("xla", True, 24), ("xla", False, 64), ("xla", True, 64), ("pallas", False, 64),
+         ("pallas", True, 64)]
+
+
+@pytest.mark.parametrize("implementation,causal,seq", CASES)
 def test_nan_reaches_the_outputs_and_gradients_that_attend_to_it(seed, implementation, causal,
                                                                  seq):
   """The dense oracle on the same inputs and draws (the masked keys zeroed: its value product
