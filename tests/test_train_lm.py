@@ -91,9 +91,9 @@ def test_command_line_overrides(tmp_path):
 def test_logging_is_quiet_unless_verbosity_is_given(tmp_path):
   """orbax's and jax's INFO lines (every checkpoint step) ran through the progress bar; absl's
   --verbosity=0 brings them back (the second run resumes at the last step: no training)."""
-  micro = ["--config.num_steps=2", "--config.checkpoint_every=1", "--config.eval_every=2",
-           "--config.eval_batches=1", "--config.seq_len=64", "--config.batch_size=2",
-           "--config.eval_batch_size=2", "--config.model.num_layers=1", "--config.model.d_model=32",
+  micro = ["--config.num_steps=1", "--config.checkpoint_every=1", "--config.eval_batches=1",
+           "--config.seq_len=64", "--config.batch_size=2", "--config.eval_batch_size=2",
+           "--config.attention=exact", "--config.model.num_layers=1", "--config.model.d_model=32",
            "--config.model.mlp_dim=64", "--config.model.head_dim=8"]
   run = lambda *extra: subprocess.run(
       [sys.executable, "experiments/train_lm.py", "--config=experiments/configs/tiny.py",
