@@ -34,6 +34,14 @@ class HyperAttentionConfig:
     approx_d_kappa: the paper's kappa (ratio of the largest to the smallest residual row sum)
       assumed by ``"approx_d"``; must be >= 1.
     approx_d_rows: query rows drawn to estimate ``tau`` for ``"approx_d"``.
+    sink_size: attention sinks: the first ``sink_size`` keys are attended exactly by every
+      query (weight 1, never hashed or sampled). 0: none (the paper's algorithm).
+    local_window: causal only: an exact band. In every quadrant of the causal recursion, the
+      last ``local_window`` keys of its left half are attended exactly by every query of its
+      right half (and taken out of the approximation there), so every query sees at least the
+      ``local_window`` keys just before it exactly -- also at the start of a base block, where
+      the paper's algorithm has none. 0: none.
+    Both must fit the smallest quadrant: ``sink_size + local_window <= min_seq_len // 2``.
   """
 
   block_size: int = 256
@@ -45,6 +53,8 @@ class HyperAttentionConfig:
   normalizer: str = "merged"
   approx_d_kappa: float = 100.0
   approx_d_rows: int = 256
+  sink_size: int = 0
+  local_window: int = 0
 
   def __post_init__(self):
     for name, allowed in (("sampler", ("uniform", "value_norm")),
@@ -60,6 +70,15 @@ class HyperAttentionConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"HyperAttentionConfig.{name} must be a positive int, got {value!r}")
+    for name in ("sink_size", "local_window"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"HyperAttentionConfig.{name} must be an int >= 0, got {value!r}")
+    if self.sink_size + self.local_window > self.min_seq_len // 2:
+      raise ValueError(
+          f"HyperAttentionConfig.sink_size + local_window ({self.sink_size} + "
+          f"{self.local_window}) must be <= min_seq_len // 2 ({self.min_seq_len // 2}): both "
+          "must fit the left half of the smallest causal quadrant")
     if self.lsh_num_projs > 30:
       raise ValueError(
           f"HyperAttentionConfig.lsh_num_projs must be <= 30 (bucket ids are int32), "

@@ -61,7 +61,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     key_value_seq_lengths: optional ``[batch]`` int in ``[0, kv_seq]``: keys at and beyond the
       length get no weight. Out-of-range lengths (of either kind) are refused where concrete;
       traced ones act as if clamped.
-    local_window_size: must be None (no local band in HyperAttention).
+    local_window_size: must be None: jax.nn restricts each query to a window of keys, which
+      HyperAttention does not (``HyperAttentionConfig.local_window`` is different: an exact
+      causal band added to the attention over every key).
     implementation: None (this library's default: the GPU kernels on GPU, else XLA), ``"xla"``,
       ``"cudnn"`` (the GPU kernels, cuDNN for the exact parts; GPU only) or ``"pallas"`` (the
       Pallas kernels; interpreted off the GPU, for tests).
@@ -81,7 +83,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
                      "or key_value_seq_lengths)")
   if local_window_size is not None:
     raise ValueError(f"local_window_size must be None, got {local_window_size!r}: "
-                     "HyperAttention has no local attention band")
+                     "HyperAttention attends to every key, not to a window of keys "
+                     "(HyperAttentionConfig.local_window adds an exact causal band to that)")
   implementation = _implementation(implementation)
   unbatched = getattr(query, "ndim", None) == 3
   if unbatched:

@@ -274,10 +274,24 @@ def _attend_blocks(q, k, v, plan: _Plan, config: HyperAttentionConfig, scale, im
 def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
                      implementation):
   """Approximate attention of every query over every key: q ``[B, Tq, Nq, H]``, k/v ``[B, Tk,
-  Nkv, H]``, key_mask ``[B, Tk]`` or None -> out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``."""
-  window = RowWindow(0, q.shape[1], 0, k.shape[1], all_keys_valid=key_mask is None)
-  plan = _plan(q, k, v, key_mask, rng, config, window)
-  return _attend_blocks(q, k, v, plan, config, scale, implementation, window)
+  Nkv, H]``, key_mask ``[B, Tk]`` or None -> out ``[B, Tq, Nq, H]``, lse ``[B, Nq, Tq]``.
+
+  With sinks, the first ``sink_size`` keys are taken out of the approximation and attended
+  exactly, merged in by log-sum-exp."""
+  sinks = config.sink_size
+  approx_mask = key_mask
+  if sinks:
+    rest = jnp.broadcast_to(jnp.arange(k.shape[1]) >= sinks, k.shape[:2])
+    approx_mask = rest if key_mask is None else key_mask & rest
+  window = RowWindow(0, q.shape[1], 0, k.shape[1], all_keys_valid=approx_mask is None)
+  plan = _plan(q, k, v, approx_mask, rng, config, window)
+  out, lse = _attend_blocks(q, k, v, plan, config, scale, implementation, window)
+  if not sinks:
+    return out, lse
+  head = lambda x: x[:, :sinks]
+  return merge_attention(out, lse, *_exact(q, head(k), head(v), None if key_mask is None
+                                           else head(key_mask), False, scale, config,
+                                           implementation))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,13 +340,62 @@ class _Recursion(NamedTuple):
   scale: float
   implementation: str
   levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
+  exact_parts: tuple  # (parts, RowWindow) of the exactly attended keys (``_exact_windows``)
+
+
+def _exact_windows(t: int, levels, config: HyperAttentionConfig) -> tuple:
+  """The key ranges the options attend exactly, as ``(parts, RowWindow)`` of folded views of
+  the padded length ``t``: the sinks (keys ``[0, sink_size)`` for every query after the first
+  base block) and, per level, the band (the last ``local_window`` keys of each quadrant's left
+  half for every query of its right half). The levels take these keys out of their
+  approximation (:func:`_level_key_mask`)."""
+  base = t >> len(levels)
+  parts = []
+  if config.sink_size:
+    parts.append((1, RowWindow(base, t - base, 0, config.sink_size)))
+  if config.local_window:
+    w = config.local_window
+    parts += [(p, RowWindow(win.q_offset, win.q_len, win.k_len - w, w)) for p, win in levels]
+  return tuple(parts)
+
+
+def _level_key_mask(mask, batch: int, parts: int, half: int, config: HyperAttentionConfig):
+  """A level's key mask ``[batch * parts, half]`` (``mask``: the padded sequence's ``[batch,
+  T]`` or None) less the keys the options attend exactly: the band's last ``local_window`` keys
+  of every left half, the sinks in the first problem of every batch row. None: all valid."""
+  if not (config.sink_size or config.local_window):
+    return None if mask is None else fold_rows(mask, parts)[:, :half]
+  pos = jnp.arange(half)
+  first = jnp.arange(batch * parts) % parts == 0
+  keep = ((pos < half - config.local_window)[None, :] &
+          ~((pos < config.sink_size)[None, :] & first[:, None]))
+  return keep if mask is None else fold_rows(mask, parts)[:, :half] & keep
+
+
+def _window_views(x, parts: int, window: RowWindow):
+  """The query rows and key rows of ``window`` in the folded view ``[B * parts, T / parts,
+  ...]`` of ``x``."""
+  x = fold_rows(x, parts)
+  rows = lambda start, n: jax.lax.slice_in_dim(x, start, start + n, axis=1)
+  return rows(window.q_offset, window.q_len), rows(window.k_offset, window.k_len)
+
+
+def _exact_part_args(q, k, v, row_mask, parts: int, window: RowWindow):
+  """q rows ``[P, q_len, N, H]``, k/v rows ``[P, k_len, Nkv, H]`` and their key mask (or None)
+  of an exact part."""
+  q_rows, _ = _window_views(q, parts, window)
+  k_rows = _window_views(k, parts, window)[1]
+  v_rows = _window_views(v, parts, window)[1]
+  mask = None if row_mask is None else _window_views(row_mask, parts, window)[1]
+  return q_rows, k_rows, v_rows, mask
 
 
 def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
   """(out ``[B, T, N, H]``, lse ``[B, N, T]``) of the recursion on padded q/k/v ``[B, T, ., H]``.
 
   First exact causal attention on the diagonal base blocks (one batched call: cuDNN on GPU where
-  it can run it, else the Pallas/XLA flash loops); then level ``d``: the ``2**d`` lower-left
+  it can run it, else the Pallas/XLA flash loops) and the options' exactly attended keys (sinks,
+  band: ``rec.exact_parts``); then level ``d``: the ``2**d`` lower-left
   quadrants at once, batched (row windows of the folded views of the same arrays), through the
   non-causal algorithm, merged into the running (out, lse) of their query rows (in place in the
   Pallas kernel).
@@ -343,6 +406,12 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
                             rec.config.exact_chunk_size,
                             _exact_implementation(q, base_mask, rec.implementation))
   running = (out.reshape(q.shape), unfold_stats(lse, parts))
+  row_mask = None if base_mask is None else base_mask.reshape(q.shape[:2])
+  for parts, window in rec.exact_parts:
+    q_rows, k_rows, v_rows, mask = _exact_part_args(q, k, v, row_mask, parts, window)
+    running = merge_rows(running, *kernel_forward(q_rows, k_rows, v_rows, mask, False, rec.scale,
+                                                  rec.config.exact_chunk_size,
+                                                  rec.implementation), window.q_offset)
   for plan, (parts, window) in zip(plans, rec.levels):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
     if rec.config.normalizer == "merged":  # the blocked kernel merges into the running result
@@ -419,6 +488,19 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
                           _exact_implementation(q, base_mask, rec.implementation))
   grads = tuple(g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
+  # The exactly attended keys of the options, from the final statistics too.
+  row_mask = None if base_mask is None else base_mask.reshape(q.shape[:2])
+  for parts, window in rec.exact_parts:
+    q_rows, k_rows, v_rows, mask = _exact_part_args(q, k, v, row_mask, parts, window)
+    stats = lambda x: jax.lax.slice_in_dim(  # pylint: disable=cell-var-from-loop
+        fold_stats(x, parts), window.q_offset, window.q_offset + window.q_len, axis=2)
+    part = kernel_backward(q_rows, k_rows, v_rows, mask,
+                           _window_views(out, parts, window)[0], stats(lse),
+                           _window_views(d_out, parts, window)[0],
+                           None if d_lse is None else stats(d_lse), False, rec.scale,
+                           rec.config.exact_chunk_size, rec.implementation)
+    grads = add_grads(grads, part, window.q_offset, window.k_offset)
+
   # Each level's share, from the final statistics, added into its rows.
   delta = output_delta(out, d_out, d_lse)
   d_plans = []
@@ -447,24 +529,30 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
   # No mask where every key is valid: the sort codes then need no bit for masked keys.
   level_mask = (None if key_mask is None and tp == t
                 else pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask))
+  options = bool(config.sink_size or config.local_window)
 
   # Every query and key is hashed once, with one set of hyperplanes for all levels.
   projections = lsh.draw_projections(_rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
   q_code, k_code = _sort_keys(q, k, level_mask, projections)
-  # A window promises valid keys only without a key mask and padding (no per-key bias then).
-  windows = tuple(_level_window(tp, d, level_mask is None) for d in range(levels))
+  # A window promises valid keys only without a key mask, padding and options (no per-key
+  # bias then).
+  windows = tuple(_level_window(tp, d, level_mask is None and not options)
+                  for d in range(levels))
   plans = []
   for d, (parts, window) in enumerate(windows):
     fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
-    mask = None if level_mask is None else fold(level_mask)[:, :window.k_len]
+    mask = _level_key_mask(level_mask, b, parts, window.k_len, config)
+    q_codes, k_codes = level_codes(q_code, k_code, parts)
+    if options:  # the exactly attended keys sort last, like masked ones
+      k_codes = jnp.where(mask[:, None, :], k_codes, 2 ** config.lsh_num_projs)
     plans.append(_plan(fold(q), fold(k), fold(v), mask,
-                       jax.random.fold_in(rng, d), config, window,
-                       level_codes(q_code, k_code, parts)))
+                       jax.random.fold_in(rng, d), config, window, (q_codes, k_codes)))
   # Padding keys lie after every real query, so without a key mask the causal mask alone
   # excludes them from the base case (which lets cuDNN run it).
   base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
   out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
-                               _Recursion(config, scale, implementation, windows))
+                               _Recursion(config, scale, implementation, windows,
+                                          _exact_windows(tp, windows, config)))
   return out[:, :t], lse[..., :t]
 
 
@@ -553,6 +641,9 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
   key_mask = checks.check_key_mask(key_mask, key_value_seq_lengths, dims)
   scale = checks.check_scale(scale, dims.head_dim)
   checks.check_rng(rng)
+  if config.local_window and not causal:
+    raise ValueError(f"HyperAttentionConfig.local_window={config.local_window} is an exact band "
+                     "of the causal recursion: use causal=True or local_window=0")
   implementation = _resolve_implementation(implementation)
   return _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
                     implementation, bool(return_lse))

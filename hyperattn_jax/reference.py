@@ -12,7 +12,9 @@ The ``"approx_d"`` normaliser adds, per row, a phantom mass with value 0 (its ro
 clamp), carried as a separate log-mass beside the matrix.
 
 Causal: exact causal weights on the diagonal base blocks, and each recursion level's lower-left
-quadrants filled from the non-causal weights. Summing unnormalised weights is what the
+quadrants filled from the non-causal weights. The options' exactly attended keys (sinks: the
+first ``sink_size`` keys; band: the last ``local_window`` keys of a quadrant's left half) get
+their exact score and are left out of the approximation (hashing, samples, ``n_valid``). Summing unnormalised weights is what the
 log-sum-exp merges compute, so this matrix's softmax is the approximation's output.
 
 Shares only the random draws (``lsh.py``) with the fast path; block membership comes from sort
@@ -139,6 +141,14 @@ def _exact_log_weights(q, k, key_mask, causal, scale):
   return jnp.where(valid, s, _NEG_INF)
 
 
+def _with_exact_keys(q, k, v, key_mask, exact, rng, config, scale, projections=None):
+  """Non-causal log-weights where the keys ``exact`` ``[B, Tk]`` are attended exactly and the
+  approximation covers the other valid keys."""
+  w, ph = _noncausal_log_weights(q, k, v, key_mask & ~exact, rng, config, scale, projections)
+  keep = (exact & key_mask)[:, None, None, :]
+  return jnp.where(keep, _scores(q, k, scale), w), ph
+
+
 def _causal_log_weights(q, k, v, key_mask, rng, config, scale):
   b, t, nq, h = q.shape
   levels, base = causal_levels(t, config.min_seq_len)
@@ -158,8 +168,11 @@ def _causal_log_weights(q, k, v, key_mask, rng, config, scale):
     parts, half = 2 ** d, tp // 2 ** (d + 1)
     halves = lambda x, which: x.reshape((b, parts, 2, half) + x.shape[2:])[:, :, which].reshape(
         (b * parts, half) + x.shape[2:])
-    w, ph = _noncausal_log_weights(halves(q, 1), halves(k, 0), halves(v, 0), halves(key_mask, 0),
-                                   jax.random.fold_in(rng, d), config, scale, projections)
+    pos = jnp.arange(half)[None, :]
+    first = (jnp.arange(b * parts) % parts == 0)[:, None]
+    exact = (pos >= half - config.local_window) | (first & (pos < config.sink_size))
+    w, ph = _with_exact_keys(halves(q, 1), halves(k, 0), halves(v, 0), halves(key_mask, 0),
+                             exact, jax.random.fold_in(rng, d), config, scale, projections)
     w = w.reshape(b, parts, nq, half, half)
     for p in range(parts):
       rows = slice((2 * p + 1) * half, (2 * p + 2) * half)
@@ -191,7 +204,8 @@ def reference_hyper_attention(query, key, value, *, rng, causal=False,
   elif tk <= max(config.min_seq_len, config.block_size):
     log_w = _exact_log_weights(query, key, key_mask, False, scale)
   else:
-    log_w, phantom = _noncausal_log_weights(query, key, value, key_mask, rng, config, scale)
+    sinks = jnp.broadcast_to(jnp.arange(tk) < config.sink_size, (b, tk))
+    log_w, phantom = _with_exact_keys(query, key, value, key_mask, sinks, rng, config, scale)
   return _softmax_out(log_w, value, phantom)
 
 

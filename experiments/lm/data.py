@@ -5,7 +5,8 @@ Python standard library's own source files (present on every machine, no downloa
 split into train/validation deterministically by a hash of their relative path. The batch of
 training step ``s`` is a pure function of ``(seed, s)``: each epoch is a fresh permutation of
 the windows, so a run resumed from a checkpoint at step ``s`` sees exactly the batches an
-uninterrupted run would have seen.
+uninterrupted run would have seen. With a :class:`RetrievalMix`, a fraction of the windows carry
+a retrieval probe (``retrieval.py``) chosen by the same ``(seed, step)``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import zlib
 
 import numpy as np
 
-__all__ = ["EOS", "VOCAB_SIZE", "Corpus", "load_corpus", "train_batch", "eval_batches"]
+from experiments.lm import retrieval
+
+__all__ = ["EOS", "VOCAB_SIZE", "Corpus", "RetrievalMix", "load_corpus", "train_batch",
+           "eval_batches", "retrieval_mix"]
 
 EOS = 256
 VOCAB_SIZE = 257
@@ -88,17 +92,46 @@ def _windows(tokens: np.ndarray, seq_len: int, split: str) -> int:
   return count
 
 
-def train_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
-                seed: int) -> np.ndarray:
-  """The ``[batch_size, seq_len + 1]`` int32 windows of training step ``step`` (0-based)."""
+@dataclasses.dataclass(frozen=True)
+class RetrievalMix:
+  """Which training windows carry a retrieval probe: each with probability ``rate``, the task
+  drawn uniformly from ``tasks``."""
+  rate: float
+  tasks: tuple[retrieval.Task, ...]
+
+  def __post_init__(self):
+    if not 0.0 <= self.rate <= 1.0:
+      raise ValueError(f"config.data.retrieval.rate must be in [0, 1], got {self.rate!r}")
+    if self.rate > 0 and not self.tasks:
+      raise ValueError("config.data.retrieval.tasks is empty but rate > 0")
+
+
+def retrieval_mix(cfg) -> RetrievalMix:
+  """The mix of ``config.data.retrieval`` (``rate``, comma-separated ``tasks``, and per task
+  name an optional dict of arguments for its factory)."""
+  names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+  return RetrievalMix(rate=cfg.rate, tasks=tuple(
+      retrieval.make_task(n, **dict(cfg.get(n, None) or {})) for n in names))
+
+
+def train_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int,
+                mix: RetrievalMix | None = None) -> dict[str, np.ndarray]:
+  """Training step ``step``'s (0-based) batch: ``tokens [batch_size, seq_len + 1]`` int32 and
+  ``answer_mask [batch_size, seq_len]`` bool (True where the *target* is an answer token)."""
   count = _windows(tokens, seq_len, "train")
   out = np.empty((batch_size, seq_len + 1), np.int32)
+  mask = np.zeros((batch_size, seq_len + 1), bool)
   for j in range(batch_size):
     i = step * batch_size + j
     epoch, pos = divmod(i, count)
     window = np.random.default_rng([seed, epoch]).permutation(count)[pos]
     out[j] = tokens[window * seq_len: window * seq_len + seq_len + 1]
-  return out
+    rng = np.random.default_rng([seed, step, j, 1])
+    if mix is not None and mix.rate > 0 and rng.random() < mix.rate:
+      task = mix.tasks[rng.integers(len(mix.tasks))]
+      probe = retrieval.assemble(out[j], task.sample(rng, (0.0, 1.0)), seq_len + 1)
+      out[j], mask[j] = probe.tokens, probe.answer_mask
+  return {"tokens": out, "answer_mask": mask[:, 1:]}
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):

@@ -38,6 +38,7 @@ class TransformerConfig:
   hyper_last_layers: int = -1
   hyper: HyperAttentionConfig = HyperAttentionConfig()
   implementation: str | None = None
+  rope_base: float = 10000.0
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
 
@@ -63,9 +64,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: attention then SwiGLU."""
+  """Pre-norm residual block: attention then SwiGLU (``decode``: see ``Transformer``)."""
   cfg: TransformerConfig
   mode: str
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -73,29 +75,51 @@ class Block(nn.Module):
     norm = lambda name: nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     x = x + HyperAttention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                            head_dim=cfg.head_dim, causal=True, mode=self.mode, config=cfg.hyper,
-                           implementation=cfg.implementation, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="attention")(norm("attn_norm")(x))
+                           implementation=cfg.implementation, rope_base=cfg.rope_base,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, decode=self.decode,
+                           name="attention")(norm("attn_norm")(x))
     return x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
 
 
 class Transformer(nn.Module):
-  """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32."""
+  """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32.
+
+  ``decode=True``: autoregressive decoding with each attention layer's KV cache (the ``"cache"``
+  collection; see ``HyperAttention.decode``): a call creating the cache on ``[batch,
+  max_len]`` tokens, then the prompt (prefill), then one token per call.
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, decode: bool = False):
     cfg = self.cfg
     x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  name="embed")(tokens)
     for i, mode in enumerate(attention_modes(cfg)):
-      x = Block(cfg, mode, name=f"layer_{i}")(x)
+      x = Block(cfg, mode, decode, name=f"layer_{i}")(x)
     x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, name="lm_head")(x)
     return logits.astype(jnp.float32)
 
 
-def loss_fn(params, model: Transformer, batch: jax.Array, rng: jax.Array):
-  """Mean next-token cross-entropy (nats) of ``batch [b, seq + 1]``."""
-  logits = model.apply({"params": params}, batch[:, :-1], rngs={"hyper": rng})
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+def loss_fn(params, model: Transformer, tokens: jax.Array, rng: jax.Array,
+            answer_mask: jax.Array | None = None, answer_weight: float = 1.0):
+  """Next-token cross-entropy (nats) of ``tokens [b, seq + 1]`` and its parts.
+
+  The loss is the weighted mean over targets: weight ``answer_weight`` where ``answer_mask
+  [b, seq]`` marks an answer token of a retrieval probe, 1 elsewhere. Returns ``(loss, aux)``
+  with ``aux``: ``text_loss`` (mean over the other targets), ``answer_correct`` and
+  ``answer_tokens`` (argmax hits and count over the answer targets).
+  """
+  logits = model.apply({"params": params}, tokens[:, :-1], rngs={"hyper": rng})
+  targets = tokens[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if answer_mask is None:
+    answer_mask = jnp.zeros(targets.shape, bool)
+  weights = jnp.where(answer_mask, answer_weight, 1.0)
+  text = (~answer_mask).astype(jnp.float32)
+  hits = (jnp.argmax(logits, -1) == targets) & answer_mask
+  aux = {"text_loss": (ce * text).sum() / jnp.maximum(text.sum(), 1.0),
+         "answer_correct": hits.sum(), "answer_tokens": answer_mask.sum()}
+  return (ce * weights).sum() / weights.sum(), aux

@@ -9,6 +9,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,11 +30,45 @@ from experiments.lm import model as model_lib
 from experiments.lm.metrics import MetricWriter
 from hyperattn_jax import HyperAttentionConfig
 
-__all__ = ["validate_config", "model_config", "create_state", "train_and_evaluate",
-           "evaluate", "restore_params"]
+__all__ = ["Phase", "curriculum", "validate_config", "model_config", "create_state",
+           "train_and_evaluate", "evaluate", "restore_params"]
 
 _POSITIVE = ("num_steps", "batch_size", "seq_len", "warmup_steps", "log_every", "eval_every",
              "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Steps ``[start, stop)`` train on ``batch_size`` windows of ``seq_len`` tokens."""
+  start: int
+  stop: int
+  seq_len: int
+  batch_size: int
+
+
+def curriculum(config: ml_collections.ConfigDict) -> tuple[Phase, ...]:
+  """The length curriculum: ``config.curriculum`` is ``""`` or comma-separated
+  ``SEQxBATCH:UNTIL`` phases (e.g. ``"4096x8:600"``: steps 0..599 on 8 windows of 4096 tokens);
+  the steps after the last phase use ``config.seq_len`` and ``config.batch_size``."""
+  phases, start = [], 0
+  for item in filter(None, (p.strip() for p in config.curriculum.split(","))):
+    try:
+      shape, until = item.split(":")
+      seq_len, batch_size = (int(x) for x in shape.split("x"))
+      until = int(until)
+    except ValueError:
+      raise ValueError(f"config.curriculum: {item!r} is not SEQxBATCH:UNTIL") from None
+    if not (start < until < config.num_steps and seq_len > 0 and batch_size > 0):
+      raise ValueError(f"config.curriculum: phase {item!r} must end after step {start} and "
+                       f"before num_steps={config.num_steps}, with positive sizes")
+    phases.append(Phase(start, until, seq_len, batch_size))
+    start = until
+  phases.append(Phase(start, config.num_steps, config.seq_len, config.batch_size))
+  return tuple(phases)
+
+
+def _phase(phases: tuple[Phase, ...], step: int) -> Phase:
+  return next(p for p in phases if p.start <= step < p.stop)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -42,6 +77,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config[name]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+  if config.decay_steps is not None and not (isinstance(config.decay_steps, int) and
+                                             0 < config.decay_steps <= config.num_steps):
+    raise ValueError(f"config.decay_steps must be None or an int in (0, num_steps], got "
+                     f"{config.decay_steps!r}")
+  if not config.answer_weight > 0:
+    raise ValueError(f"config.answer_weight must be > 0, got {config.answer_weight!r}")
+  for phase in curriculum(config):
+    if phase.batch_size % jax.device_count():
+      raise ValueError(f"config.curriculum: batch size {phase.batch_size} must be divisible by "
+                       f"the number of devices ({jax.device_count()})")
+  data_lib.retrieval_mix(config.data.retrieval)
   for name in ("learning_rate", "grad_clip_norm"):
     if not config[name] > 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]!r}")
@@ -71,6 +117,7 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> model_lib.Tr
   fields = dict(config.model)
   fields["dtype"] = jnp.dtype(fields["dtype"])
   fields.update(attention=config.attention, hyper_last_layers=config.hyper_last_layers,
+                rope_base=config.rope_base,
                 hyper=HyperAttentionConfig(**config.hyper),
                 implementation=config.implementation)
   fields.update(overrides)
@@ -83,7 +130,7 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> model_lib.Tr
 def _optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.num_steps, config.warmup_steps + 1),
+      decay_steps=max(config.decay_steps or config.num_steps, config.warmup_steps + 1),
       end_value=config.learning_rate * config.min_learning_rate_ratio)
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay))
@@ -127,22 +174,25 @@ def _make_train_step(config, model, shardings, batch_sharding):
 
   def step_fn(state, batch):
     rng = _hyper_rng(config, state["step"])
-    loss, grads = jax.value_and_grad(model_lib.loss_fn)(state["params"], model, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(model_lib.loss_fn, has_aux=True)(
+        state["params"], model, batch["tokens"], rng, batch["answer_mask"],
+        config.answer_weight)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    return new, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads),
                  "learning_rate": schedule(state["step"])}
 
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-_eval_loss = jax.jit(model_lib.loss_fn, static_argnums=1)
+_eval_loss = jax.jit(lambda *a: model_lib.loss_fn(*a)[0], static_argnums=1)
 
 
 def evaluate(params, model, tokens, config, batch_sharding, rng) -> dict[str, float]:
-  """Validation loss (nats/byte), bits per byte and perplexity over the first eval batches."""
+  """Validation loss (nats/byte), bits per byte and perplexity over the first eval batches
+  (plain text, no retrieval probes)."""
   losses = [float(_eval_loss(params, model, jax.device_put(b, batch_sharding), rng))
             for b in data_lib.eval_batches(tokens, config.eval_batch_size, config.seq_len,
                                            config.eval_batches)]
@@ -192,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json(indent=1))
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
+  mix = data_lib.retrieval_mix(config.data.retrieval)
+  phases = curriculum(config)
   cfg = model_config(config)
   model = model_lib.Transformer(cfg)
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -206,25 +258,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, start_step=start)
   stop = _Stop()
   previous = signal.signal(signal.SIGTERM, stop)
-  tokens_per_step = config.batch_size * config.seq_len
   metrics: dict[str, float] = {}
   step = start
   try:
     bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
                desc="train", unit="step", dynamic_ncols=True)
-    t_last, step_last = time.perf_counter(), start
+    t_last, tokens_since = time.perf_counter(), 0
+    hits = jnp.zeros((2,), jnp.int32)  # answer-token argmax hits and count since the last log
     for step in bar:
-      batch = data_lib.train_batch(corpus.train, step, config.batch_size, config.seq_len,
-                                   config.seed)
+      phase = _phase(phases, step)
+      batch = data_lib.train_batch(corpus.train, step, phase.batch_size, phase.seq_len,
+                                   config.seed, mix)
       state, out = train_step(state, jax.device_put(batch, batch_sharding))
+      tokens_since += phase.batch_size * phase.seq_len
+      hits = hits + jnp.stack([out.pop("answer_correct"), out.pop("answer_tokens")])
       done = step + 1
       if done % config.log_every == 0 or done == config.num_steps:
         out = jax.device_get(out)
         now = time.perf_counter()
-        out["tokens_per_s"] = tokens_per_step * (done - step_last) / (now - t_last)
-        t_last, step_last = now, done
+        out["tokens_per_s"] = tokens_since / (now - t_last)
+        out["seq_len"] = phase.seq_len
+        correct, count = jax.device_get(hits)
+        if count:
+          out["answer_accuracy"] = correct / count
+        t_last, tokens_since, hits = now, 0, jnp.zeros((2,), jnp.int32)
         writer.write(done, "train", out)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}",
+                        **({"recall": f"{out['answer_accuracy']:.2f}"} if count else {}))
         metrics.update({f"train_{k}": float(v) for k, v in out.items()})
       if done % config.eval_every == 0 or done == config.num_steps:
         ev = evaluate(state["params"], model, corpus.valid, config, batch_sharding,
