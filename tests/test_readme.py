@@ -23,4 +23,5 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("line,source", _python_blocks(),
                          ids=[f"line{line}" for line, _ in _python_blocks()])
 def test_readme_block_runs(line, source):
-  exec(compile(source, f"README.md:{line}", "exec"), {"__name__": f"readme_line{line}"})  # pylint: disable=exec-used
+  code = compile(source, f"README.md:{line}", "exec")
+  exec(code, {"__name__": f"readme_line{line}"})  # pylint: disable=exec-used

@@ -121,8 +121,10 @@ def test_data_errors_and_determinism(tmp_path):
   stdlib = data_lib.load_corpus(None)
   assert stdlib.source.startswith("python-stdlib") and len(stdlib.valid) > 100_000
   b1 = data_lib.train_batch(stdlib.train, 7, 4, 64, 0)
-  np.testing.assert_array_equal(b1, data_lib.train_batch(stdlib.train, 7, 4, 64, 0))
-  assert b1.shape == (4, 65) and b1.max() <= data_lib.EOS
+  b2 = data_lib.train_batch(stdlib.train, 7, 4, 64, 0)
+  np.testing.assert_array_equal(b1["tokens"], b2["tokens"])
+  assert b1["tokens"].shape == (4, 65) and b1["tokens"].max() <= data_lib.EOS
+  assert b1["answer_mask"].shape == (4, 64) and not b1["answer_mask"].any()
 
 
 _DEVICE_SCRIPT = """
