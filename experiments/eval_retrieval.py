@@ -35,6 +35,9 @@ flags.DEFINE_integer("timing_reps", 3, "Prefill timing repetitions (median).")
 flags.DEFINE_integer("ppl_seq_len", None, "Perplexity window (default: training's seq_len; "
                      "0: skip).")
 flags.DEFINE_integer("seed", 0, "Seed of the probes and haystacks.")
+flags.DEFINE_integer("diagnose_length", 0, "Also run the needle diagnostics "
+                     "(retrieval_diagnostics.py) at this length (0: no).")
+flags.DEFINE_integer("diagnose_probes", 4, "Passkey probes of the diagnostics.")
 flags.DEFINE_string("out", None, "JSON path (default: WORKDIR/eval_retrieval.json).")
 FLAGS = flags.FLAGS
 
@@ -42,12 +45,18 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   variants = json.loads(FLAGS.variants)
-  result = retrieval_eval.run(FLAGS.workdir, [int(n) for n in FLAGS.lengths], FLAGS.modes, variants,
-               FLAGS.tasks, FLAGS.depth_bins, FLAGS.samples, FLAGS.batch, FLAGS.timing_reps,
-               FLAGS.ppl_seq_len, FLAGS.seed)
+  result = {}
+  if FLAGS.modes:
+    result = retrieval_eval.run(FLAGS.workdir, [int(n) for n in FLAGS.lengths], FLAGS.modes,
+                                variants, FLAGS.tasks, FLAGS.depth_bins, FLAGS.samples,
+                                FLAGS.batch, FLAGS.timing_reps, FLAGS.ppl_seq_len, FLAGS.seed)
+  if FLAGS.diagnose_length:
+    result["diagnostics"] = retrieval_eval.diagnose(FLAGS.workdir, FLAGS.diagnose_length,
+                                                    FLAGS.diagnose_probes, seed=FLAGS.seed)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_retrieval.json")
   provenance.write_results(out, provenance.run_meta(variants=variants), **result)
-  retrieval_eval.plot(result, os.path.splitext(out)[0] + ".png")
+  if FLAGS.modes:
+    retrieval_eval.plot(result, os.path.splitext(out)[0] + ".png")
   print(f"wrote {out}")
 
 

@@ -28,10 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from experiments.lm import retrieval
+from experiments.lm import retrieval_diagnostics
 from experiments.lm import train as train_lib
 from hyperattn_jax import HyperAttentionConfig
 
-__all__ = ["parse_mode", "probes", "score", "run", "plot"]
+__all__ = ["parse_mode", "probes", "score", "run", "diagnose", "plot"]
 
 
 def parse_mode(mode: str, num_layers: int, variants: dict) -> tuple[int, dict]:
@@ -162,6 +163,20 @@ def run(workdir: str, lengths, modes, variants: dict, tasks=None, depth_bins: in
       ppl.append({"mode": mode, "seq_len": ppl_len, **ev})
       print(f"{mode:>18} perplexity@{ppl_len} = {ev['perplexity']:.4f}", flush=True)
   return {"checkpoint_step": step, "rows": rows, "timing": timing, "perplexity": ppl}
+
+
+def diagnose(workdir: str, length: int, probes: int = 4, draws: int = 4, seed: int = 0):
+  """``retrieval_diagnostics.needle_diagnostics`` of the checkpoint (float32, exact) with its
+  HyperAttention settings."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  params, _ = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
+  cfg = train_lib.model_config(config, attention="exact", dtype=jnp.float32)
+  return retrieval_diagnostics.needle_diagnostics(params, cfg, corpus.valid, length,
+                                                  HyperAttentionConfig(**config.hyper),
+                                                  probes, draws, seed)
 
 
 def plot(result: dict, path: str) -> None:
