@@ -1,4 +1,4 @@
-"""A one-minute CPU demo: exact vs HyperAttention time and error on inputs with planted heavy keys.
+"""A CPU demo: exact vs HyperAttention time and error on inputs with planted heavy keys.
 
   python experiments/demo.py [--n=8192] [--causal]
 Each query has one key with a dominant score hidden at a random position (what LSH is for); the

@@ -6,7 +6,9 @@
   python experiments/train_lm.py --config=experiments/configs/tiny.py --workdir=/tmp/lm2 \
       --config.data.path=/some/texts --config.num_steps=200
 
-Restarting with the same --workdir resumes from the latest checkpoint.
+Restarting with the same --workdir resumes from the latest checkpoint. Logging is quiet by
+default (warnings and errors only); absl's --verbosity=0 shows the INFO lines of orbax and jax
+(every checkpoint step), --verbosity=1 debug lines too.
 """
 
 import os
@@ -16,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.lm.train import train_and_evaluate  # noqa: E402
@@ -28,6 +31,11 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard event
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # absl's verbosity sets python's root logger level, which orbax's and jax's loggers inherit:
+    # their INFO lines would otherwise run through the progress bar. (app.run sets INFO after
+    # parsing when the flag is not given, so a changed default would not hold.)
+    logging.set_verbosity(logging.WARNING)
   metrics = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   print({k: round(v, 4) for k, v in metrics.items()})
 

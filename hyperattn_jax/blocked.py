@@ -49,7 +49,7 @@ def softmax_out_lse(logits: jax.Array, values_fn) -> tuple[jax.Array, jax.Array]
   m = jnp.where(m == _NEG_INF, 0.0, m)
   p = jnp.exp(logits - m[..., None])
   l = jnp.sum(p, axis=-1)
-  has = l > 0
+  has = l != 0  # 0 on rows without a valid key; NaN (a NaN input) propagates
   l_safe = jnp.where(has, l, 1.0)
   out = jnp.where(has[..., None], values_fn(p) / l_safe[..., None], 0.0)
   lse = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)

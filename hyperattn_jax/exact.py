@@ -104,8 +104,12 @@ def _forward(q, k, v, key_mask, causal, scale, chunk):
             jnp.zeros((b, kh, g, qc), acc_t),
             jnp.zeros((b, kh, g, qc, h), acc_t))
     m, l, acc = lax.fori_loop(0, _num_key_chunks(i, qc, kc, nk, causal), body, init)
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG_INF)
+    # l is 0 only on rows without a valid key; a NaN l (a NaN score or value) must reach the
+    # output, so the test is l != 0, not l > 0.
+    has = l != 0
+    l_safe = jnp.where(has, l, 1.0)
+    out = jnp.where(has[..., None], acc / l_safe[..., None], 0.0)
+    lse = jnp.where(has, m + jnp.log(l_safe), _NEG_INF)
     return out.astype(q.dtype), lse
 
   outs, lses = lax.map(one_query_chunk, jnp.arange(nq))  # [nq, b, k, g, qc, ...]

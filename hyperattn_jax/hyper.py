@@ -574,11 +574,23 @@ def _pallas_available() -> bool:
   return hasattr(pallas_kernels, "blocked_attention_pallas")
 
 
+def _zero_masked_keys(k, v, key_mask):
+  """k, v ``[B, Tk, Nkv, H]`` with the masked keys' rows (key_mask ``[B, Tk]`` False) zeroed: a
+  masked key's value is multiplied by its zero probability, and ``0 * NaN`` is NaN, so NaN
+  padding would otherwise reach every output of its key block. Masked keys get no gradient
+  either way."""
+  if key_mask is None:
+    return k, v
+  keep = key_mask[:, :, None, None]
+  return jnp.where(keep, k, jnp.zeros((), k.dtype)), jnp.where(keep, v, jnp.zeros((), v.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "config", "scale", "implementation",
                                              "return_lse"))
 def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, return_lse):
   """(out, lse), or out alone when not ``return_lse``. Where the lse is dropped or not
   differentiated, its cotangent is a symbolic zero and the backward has no lse term."""
+  k, v = _zero_masked_keys(k, v, key_mask)
   if causal and q.shape[1] > config.min_seq_len:
     out, lse = _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   elif causal or k.shape[1] <= max(config.min_seq_len, config.block_size):
@@ -604,15 +616,20 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
     config: :class:`HyperAttentionConfig` (default: the paper's benchmark settings).
     scale: logit scale, ``1/sqrt(head_dim)`` when None.
     key_mask: optional ``[batch, kv_seq]`` bool, False keys get no weight.
-    key_value_seq_lengths: optional ``[batch]`` int, keys at and beyond the length get no weight
-      (``jax.nn.dot_product_attention``'s convention); at most one of the two masks.
+    key_value_seq_lengths: optional ``[batch]`` int in ``[0, kv_seq]``, keys at and beyond the
+      length get no weight (``jax.nn.dot_product_attention``'s convention); at most one of the
+      two masks. Out-of-range lengths are refused where concrete; traced ones act as if clamped
+      to ``[0, kv_seq]``.
     return_lse: also return the log-sum-exp of the (approximate) scores, ``[batch, heads,
       q_seq]`` float32.
     implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``.
 
   Returns:
     ``[batch, q_seq, q_heads, head_dim]`` in the dtype of the inputs (and the lse). Query rows
-    whose keys are all masked give zeros (lse ``-inf``).
+    whose keys are all masked give zeros (lse ``-inf``). A NaN or Inf in the inputs reaches the
+    outputs (and gradients) that attend to it, as in exact attention, so that a diverging model
+    is visible; keys masked by key_mask / key_value_seq_lengths reach no output whatever they
+    hold.
   """
   config = HyperAttentionConfig() if config is None else config
   if not isinstance(config, HyperAttentionConfig):
@@ -632,6 +649,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "chunk_size", "implementation",
                                              "return_lse"))
 def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, return_lse):
+  k, v = _zero_masked_keys(k, v, key_mask)
   out, lse = flash_attention(q, k, v, key_mask, causal, scale, chunk_size, implementation)
   return (out, lse) if return_lse else out
 

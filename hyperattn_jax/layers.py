@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hyperattn_jax.checks import key_mask_from_attention_mask
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import exact_attention, hyper_attention
 from hyperattn_jax.rope import apply_rope
@@ -54,44 +55,6 @@ def _calling_module() -> nn.Module | None:
   return stack[-1] if stack else None
 
 
-def _key_mask_from_flax_mask(mask, batch: int, q_len: int, kv_len: int, causal: bool):
-  """``[batch, kv_len]`` key mask equivalent to a flax ``[batch, heads, q, kv]`` mask, or error.
-
-  HyperAttention supports key padding (and causal masking through ``causal=True``), not
-  arbitrary masks. A mask with head and query axes of size 1 is a key mask. A concrete mask of
-  another shape is accepted when it equals (key mask) [AND (causal lower triangle)]; a traced
-  one cannot be checked and is refused.
-  """
-  if (not hasattr(mask, "shape") or mask.ndim != 4 or mask.shape[0] not in (1, batch) or
-      mask.shape[2] not in (1, q_len) or mask.shape[-1] != kv_len):
-    raise ValueError(f"mask must be [batch, heads|1, q_len|1, kv_len] = [{batch}, ., ., {kv_len}]"
-                     f", got shape {tuple(mask.shape)}")
-  mask = mask.astype(bool)
-  if mask.shape[1] == 1 and mask.shape[2] == 1:
-    return jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
-  try:
-    m = np.asarray(mask)
-  except jax.errors.TracerArrayConversionError:
-    raise ValueError(
-        f"mask of shape {tuple(mask.shape)} is traced and may depend on the head or query; "
-        "HyperAttention supports key padding only: pass a [batch, 1, 1, kv_len] mask (e.g. "
-        "mask[:, :1, :1, :] of a padding mask) and express causal masking with "
-        "make_attention_fn(causal=True)") from None
-  m = np.broadcast_to(m, m.shape[:2] + (q_len, kv_len))
-  keys = m.any(axis=(1, 2))                                                   # [b|1, kv]
-  expected = np.broadcast_to(keys[:, None, None, :], m.shape)
-  if causal:
-    expected = expected & np.tril(np.ones((q_len, kv_len), bool))
-  # Rows the mask empties entirely (padded queries) are unconstrained: flax returns an
-  # arbitrary average there, HyperAttention attends to the valid keys.
-  if not np.array_equal(m, expected & m.any(axis=-1, keepdims=True)):
-    raise ValueError(
-        "mask is not a key padding mask" + (" combined with the causal mask" if causal else "") +
-        ": HyperAttention cannot apply arbitrary masks; pass a [batch, 1, 1, kv_len] key mask "
-        "and set make_attention_fn(causal=...)")
-  return jnp.broadcast_to(jnp.asarray(keys), (batch, kv_len))
-
-
 def flax_attention(query, key, value, *, bias, mask, dropout_rate, deterministic, dtype,
                    precision, causal: bool, rng: Callable[[], jax.Array],
                    config: HyperAttentionConfig, implementation: str | None) -> jax.Array:
@@ -114,8 +77,9 @@ def flax_attention(query, key, value, *, bias, mask, dropout_rate, deterministic
                      "(the cache mask already limits the keys): use causal=False there")
   if dtype is not None:
     query, key, value = (x.astype(dtype) for x in (query, key, value))
-  key_mask = None if mask is None else _key_mask_from_flax_mask(
-      mask, query.shape[0], query.shape[1], key.shape[1], causal)
+  key_mask = None if mask is None else key_mask_from_attention_mask(
+      mask, query.shape[0], query.shape[1], key.shape[1], causal,
+      causal_arg="make_attention_fn(causal=True)")
   return hyper_attention(query, key, value, rng=rng(), causal=causal, config=config,
                          key_mask=key_mask, implementation=implementation)
 
@@ -132,10 +96,12 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
 
   The returned function takes query ``[batch, q_len, heads, head_dim]``, key/value
   ``[batch, kv_len, heads, head_dim]`` and flax's keyword arguments. Supported: ``mask`` as a
-  key padding mask (see :func:`_key_mask_from_flax_mask`), ``dtype`` (computation dtype),
-  ``deterministic``/``dropout_rate`` without dropout. Refused with a ValueError: a dense
-  ``bias``, attention dropout (``dropout_rate > 0`` and not ``deterministic``), a custom
-  ``precision`` or einsum override, and inputs with more than one batch axis.
+  key padding mask (see :func:`hyperattn_jax.checks.key_mask_from_attention_mask`), ``dtype``
+  (computation dtype), ``deterministic``/``dropout_rate`` without dropout. Refused with a
+  ValueError: a dense ``bias``, attention dropout (``dropout_rate > 0`` and not
+  ``deterministic``), a custom ``precision`` or einsum override, inputs with more than one batch
+  axis, and ``sow_weights=True`` (flax then passes ``module``: HyperAttention never forms the
+  dense attention weights, so there are none to sow).
   """
   config = HyperAttentionConfig() if config is None else config
   if not isinstance(config, HyperAttentionConfig):
@@ -146,12 +112,15 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
                    precision=None, module=None, force_fp32_for_softmax=False,
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None):
     del broadcast_dropout, dropout_rng, force_fp32_for_softmax  # softmax is always fp32
+    if module is not None:  # flax passes the module only to sow the attention weights
+      raise ValueError("sow_weights=True is not supported: HyperAttention never forms the dense "
+                       "[batch, heads, q_len, kv_len] attention weights, so there are none to "
+                       "sow; call the layer with sow_weights=False")
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
       raise ValueError("custom attention einsums are not supported by HyperAttention")
-    caller = module if module is not None else _calling_module()
     return flax_attention(query, key, value, bias=bias, mask=mask, dropout_rate=dropout_rate,
                           deterministic=deterministic, dtype=dtype, precision=precision,
-                          causal=causal, rng=lambda: module_rng(caller, rng_stream),
+                          causal=causal, rng=lambda: module_rng(_calling_module(), rng_stream),
                           config=config, implementation=implementation)
 
   return attention_fn

@@ -30,7 +30,7 @@ def merge_attention(out1, lse1, out2, lse2):
   top = jnp.where(top == _NEG_INF, 0.0, top)
   e1, e2 = jnp.exp(lse1 - top), jnp.exp(lse2 - top)
   total = e1 + e2
-  has = total > 0
+  has = total != 0  # 0 on rows empty in both parts; NaN (a NaN input) propagates
   total_safe = jnp.where(has, total, 1.0)
   lse = jnp.where(has, top + jnp.log(total_safe), _NEG_INF)
   w1, w2 = e1 / total_safe, e2 / total_safe
@@ -57,7 +57,7 @@ def part_cotangents(part_out, part_lse, lse, delta, d_out):
   Rows on the leading axes: out/d_out ``[..., T, H]``, the statistics ``[..., T]``.
   """
   acc = jnp.promote_types(d_out.dtype, jnp.float32)
-  finite = (part_lse > _NEG_INF) & (lse > _NEG_INF)
+  finite = (part_lse != _NEG_INF) & (lse != _NEG_INF)  # NaN statistics propagate
   w = jnp.where(finite, jnp.exp(jnp.where(finite, part_lse - lse, 0.0)), 0.0)
   d_part_out = (d_out.astype(acc) * w[..., None]).astype(part_out.dtype)
   spread = jnp.sum(d_out.astype(acc) * part_out.astype(acc), axis=-1)

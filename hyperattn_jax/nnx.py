@@ -161,7 +161,7 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
 
   The returned function takes query ``[batch, q_len, heads, head_dim]``, key/value ``[batch,
   kv_len, kv_heads, head_dim]`` and the keywords ``nnx.MultiHeadAttention`` passes: ``mask``
-  as a key padding mask (see :func:`hyperattn_jax.layers._key_mask_from_flax_mask`), ``dtype``,
+  as a key padding mask (see :func:`hyperattn_jax.checks.key_mask_from_attention_mask`), ``dtype``,
   ``is_causal`` (causal where it or ``causal`` is set), ``deterministic``/``dropout_rate``
   without dropout (``dropout_rng`` and ``broadcast_dropout`` are then unused). Refused with a
   ValueError: a ``bias``, attention dropout (``dropout_rate > 0`` and not ``deterministic``), a

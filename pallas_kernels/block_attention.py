@@ -336,7 +336,7 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     m, l = m_safe, l * alpha + beta
   else:
     o_ref, lse_ref = outs
-  has = l > 0
+  has = l != 0  # 0 on rows without a valid key; NaN (a NaN input) propagates
   l_safe = jnp.where(has, l, 1.0)
   out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
   lse = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, _NEG_INF)

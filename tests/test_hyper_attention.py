@@ -245,6 +245,12 @@ BAD = [
     (dict(key_mask=jnp.ones((2, 63), bool)), ValueError, "key_mask"),
     (dict(key_mask=jnp.ones((2, 64), jnp.int32)), ValueError, "key_mask"),
     (dict(rng=None), ValueError, "rng"),
+    (dict(rng=jax.random.split(jax.random.key(0))), ValueError, "single jax.random key"),
+    (dict(rng=jax.random.split(jax.random.PRNGKey(0))), ValueError, "single jax.random key"),
+    (dict(rng=jax.random.split(jax.random.key(0)), q=(2, 200, 4, 8), k=(2, 200, 2, 8)),
+     ValueError, "single jax.random key"),                                  # the hyper path
+    (dict(key_value_seq_lengths=jnp.array([-1, 64])), ValueError, r"\[0, kv_seq\] = \[0, 64\]"),
+    (dict(key_value_seq_lengths=jnp.array([3, 65])), ValueError, r"\[0, kv_seq\] = \[0, 64\]"),
     (dict(implementation="cuda"), ValueError, "implementation"),
     (dict(config=dict(block_size=1)), TypeError, "config"),
 ]
@@ -258,9 +264,18 @@ def test_bad_input(spec, err, match):
   v = jnp.ones(spec.get("v", spec.get("k", (2, 64, 2, 8))), dtype)
   kwargs = dict(rng=spec.get("rng", jax.random.key(0)), causal=spec.get("causal", False),
                 config=spec.get("config", SMALL), key_mask=spec.get("key_mask"),
+                key_value_seq_lengths=spec.get("key_value_seq_lengths"),
                 implementation=spec.get("implementation"))
   with pytest.raises(err, match=match):
     hyper_attention(q, k, v, **kwargs)
+
+
+def test_traced_lengths_act_clamped(seed):
+  """Under jit the lengths cannot be checked: below 0 no key is valid, above kv_seq every key."""
+  q, k, v = make_qkv(seed, 2, 41, 41, 2, 1, 8)
+  f = jax.jit(lambda n: exact_attention(q, k, v, key_value_seq_lengths=n))
+  np.testing.assert_array_equal(f(jnp.array([-1, 100])), f(jnp.array([0, 41])))
+  assert np.all(np.asarray(f(jnp.array([-1, 100]))[0]) == 0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -181,3 +181,13 @@ def test_bad_arguments_raise_clear_errors(seed):
     jax.jit(lambda m: fn(q, q, q, mask=m))(jnp.ones((2, 1, 24, 24), bool))
   with pytest.raises(TypeError, match="HyperAttentionConfig"):
     make_attention_fn({"block_size": 4})
+
+
+def test_dropin_refuses_sow_weights(seed):
+  """flax passes ``module`` to attention_fn only to sow the weights: there are none to sow
+  (the drop-in once ran and sowed nothing)."""
+  x = _x(seed)
+  mha = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=make_attention_fn(SMALL))
+  params = mha.init(jax.random.key(seed), x)
+  with pytest.raises(ValueError, match="sow_weights=True is not supported"):
+    mha.apply(params, x, sow_weights=True, mutable=["intermediates"])

@@ -26,10 +26,13 @@ def micro_config(**overrides):
   return c
 
 
-def _train_losses(workdir):
+def _metric_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+  return {r["step"]: r["loss"] for r in _metric_rows(workdir) if r["split"] == "train"}
 
 
 def test_loss_falls_and_eval_patching_runs(tmp_path):
@@ -56,6 +59,10 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 9))
   for step in range(1, 9):
     assert a[step] == b[step], (step, a[step], b[step])
+  # One row per (step, split): the rows of steps 4 and 5, trained again after the resume, are
+  # not repeated (they once were).
+  rows = lambda run: [(r["step"], r["split"]) for r in _metric_rows(tmp_path / run)]
+  assert rows("b") == rows("a")
 
 
 def test_invalid_config_values_raise_clear_errors():
@@ -79,6 +86,23 @@ def test_command_line_overrides(tmp_path):
   assert bad_value.returncode != 0 and "config.attention must be" in bad_value.stderr
   unknown = run("--config.no_such_field=1")
   assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
+
+
+def test_logging_is_quiet_unless_verbosity_is_given(tmp_path):
+  """orbax's and jax's INFO lines (every checkpoint step) ran through the progress bar; absl's
+  --verbosity=0 brings them back (the second run resumes at the last step: no training)."""
+  micro = ["--config.num_steps=1", "--config.checkpoint_every=1", "--config.eval_batches=1",
+           "--config.seq_len=64", "--config.batch_size=2", "--config.eval_batch_size=2",
+           "--config.attention=exact", "--config.model.num_layers=1", "--config.model.d_model=32",
+           "--config.model.mlp_dim=64", "--config.model.head_dim=8"]
+  run = lambda *extra: subprocess.run(
+      [sys.executable, "experiments/train_lm.py", "--config=experiments/configs/tiny.py",
+       f"--workdir={tmp_path}", *micro, *extra], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, check=True)
+  info = lambda stderr: [line for line in stderr.splitlines() if line.startswith("I")]
+  quiet = run()
+  assert "train_loss" in quiet.stdout and not info(quiet.stderr), info(quiet.stderr)[:3]
+  assert any("checkpoint" in line for line in info(run("--verbosity=0").stderr))
 
 
 def test_data_errors_and_determinism(tmp_path):

@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
   start = int(state["step"])
   train_step = _make_train_step(config, model, shardings, batch_sharding)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step=start)
   stop = _Stop()
   previous = signal.signal(signal.SIGTERM, stop)
   metrics: dict[str, float] = {}
