@@ -9,9 +9,7 @@ Without --patch_last_layers every L is evaluated. Works on exact- and hyper-trai
 
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +24,7 @@ from experiments.lm import data as data_lib  # noqa: E402
 from experiments.lm import model as model_lib  # noqa: E402
 from experiments.lm import train as train_lib  # noqa: E402
 from experiments import provenance  # noqa: E402
+from experiments import timing  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
                     required=True)
@@ -39,13 +38,7 @@ FLAGS = flags.FLAGS
 
 def _prefill_ms(params, model, tokens, reps: int) -> float:
   forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
-  jax.block_until_ready(forward(params, tokens))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(forward(params, tokens))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+  return timing.synchronised_ms(forward, params, tokens, reps=reps)[0]
 
 
 def run(workdir: str, patch_last_layers=None, seq_len=None, eval_batches=None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from experiments import timing
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from experiments.lm import retrieval
@@ -87,16 +87,6 @@ def _argmax_fn(model):
   return jax.jit(lambda p, t: jnp.argmax(model.apply({"params": p}, t), -1).astype(jnp.int32))
 
 
-def _prefill_ms(fn, params, tokens, reps: int) -> float:
-  jax.block_until_ready(fn(params, tokens))  # compile for this shape outside the timing
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(params, tokens))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
 def evaluate_mode(params, model, items, bins: int, batch: int, timing_reps: int) -> dict:
   """Accuracy cells ``{task: {bin: [em, correct, tokens, queries]}}`` and the prefill time."""
   fn = _argmax_fn(model)
@@ -113,7 +103,7 @@ def evaluate_mode(params, model, items, bins: int, batch: int, timing_reps: int)
         cell[1] += correct
         cell[2] += count
         cell[3] += 1
-  ms = _prefill_ms(fn, params, items[0][2].tokens[None], timing_reps)
+  ms = timing.synchronised_ms(fn, params, items[0][2].tokens[None], reps=timing_reps)[0]
   return {"cells": cells, "prefill_ms": ms}
 
 
