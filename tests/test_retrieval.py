@@ -117,6 +117,11 @@ def test_retrieval_training_and_evaluation_end_to_end(tmp_path):
   assert len(cells) == 2 * 2 * 2 and len(result["perplexity"]) == 2
   retrieval_eval.plot(result, str(tmp_path / "h.png"))
   assert os.path.getsize(tmp_path / "h.png") > 1000
+  diag = retrieval_eval.diagnose(workdir, 256, probes=1, draws=2)
+  assert [r["layer"] for r in diag] == [0, 1] and "lsh_recall_mean" in diag[0]
+  for r in diag:
+    assert all(0 <= x <= 1 + 1e-6 for key in ("needle_mass", "co_blocked", "sampled")
+               for x in r[key]) and all(-1 <= c <= 1 for c in r["needle_cosine"])
   with pytest.raises(ValueError, match="variant 'x' is not in --variants"):
     retrieval_eval.parse_mode("hyper:1:x", 2, {})
   files = params_file.export_params(workdir, str(tmp_path / "p" / "params"), 2)

@@ -9,6 +9,8 @@ question meets the needle), per layer and head of the *exact* model:
 * ``co_blocked``: over ``draws`` random LSH/sample draws of that quadrant, how often the
   needle's highest-scoring key shares the answer row's sorted block (attended exactly);
 * ``sampled``: how often it is among the uniform samples instead (seen with weight n/m);
+* ``needle_cosine``: the cosine of the answer row's query with that key (what angular LSH
+  sees), and ``needle_norm_ratio``: that key's norm over the median key norm of the quadrant;
 * ``lsh_recall_mean`` (first probe only: it costs a dense pass): the share of each row's
   attention mass inside its own block over all rows of the quadrant, from
   :func:`hyperattn_jax.diagnostics.attention_diagnostics` (one draw).
@@ -62,18 +64,26 @@ def needle_diagnostics(params, cfg: model_lib.TransformerConfig, haystack: np.nd
       p_row = jax.nn.softmax(scores, axis=-1)                                 # [heads, keys]
       needle_mass = np.asarray(p_row[:, span].sum(-1))
       top = span[np.asarray(jnp.argmax(scores[:, span], axis=-1))]            # [heads]
+      heads = np.arange(q.shape[2])
       q2, k1, v1 = q[:, half:], k[:, :half], v[:, :half]
       mask = jnp.ones((1, half), bool)
       co, samp = np.zeros(q.shape[2]), np.zeros(q.shape[2])
       for d in range(draws):
         q_block, k_block, sample_w, _ = lsh_blocks(q2, k1, mask, jax.random.key(1000 * p + d),
                                                    hyper, v1)
-        heads = np.arange(q.shape[2])
         co += np.asarray(q_block[0, heads, row - half] == k_block[0, heads, top])
         samp += np.asarray(sample_w[0, heads, top] > 0)
+      k_top = kr[0, top, heads]                                               # [heads, H]
+      q_row = q[0, row]
+      cosine = jnp.sum(q_row * k_top, -1) / (jnp.linalg.norm(q_row, axis=-1) *
+                                             jnp.linalg.norm(k_top, axis=-1))
+      norm_ratio = jnp.linalg.norm(k_top, axis=-1) / jnp.median(
+          jnp.linalg.norm(kr[0, :half], axis=-1), axis=0)
       rows.append({"probe": p, "depth": probe.queries[0].depth, "layer": layer,
                    "needle_mass": needle_mass.tolist(), "co_blocked": (co / draws).tolist(),
-                   "sampled": (samp / draws).tolist()})
+                   "sampled": (samp / draws).tolist(),
+                   "needle_cosine": np.asarray(cosine).tolist(),
+                   "needle_norm_ratio": np.asarray(norm_ratio).tolist()})
       if p == 0:
         diag = attention_diagnostics(q2, k1, v1, rng=jax.random.key(p), config=hyper,
                                      power_iters=5)
