@@ -106,10 +106,10 @@ class RetrievalMix:
       raise ValueError("config.data.retrieval.tasks is empty but rate > 0")
 
 
-def retrieval_mix(cfg) -> RetrievalMix:
+def retrieval_mix(cfg, names=None) -> RetrievalMix:
   """The mix of ``config.data.retrieval`` (``rate``, comma-separated ``tasks``, and per task
-  name an optional dict of arguments for its factory)."""
-  names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+  name an optional dict of arguments for its factory); ``names`` replaces its task list."""
+  names = names or [n.strip() for n in cfg.tasks.split(",") if n.strip()]
   return RetrievalMix(rate=cfg.rate, tasks=tuple(
       retrieval.make_task(n, **dict(cfg.get(n, None) or {})) for n in names))
 

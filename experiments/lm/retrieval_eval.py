@@ -116,9 +116,7 @@ def run(workdir: str, lengths, modes, variants: dict, tasks=None, depth_bins: in
   mesh = Mesh(np.array(jax.devices()), ("data",))
   params, step = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
-  mix = config.data.retrieval
-  task_list = [retrieval.make_task(n, **dict(mix.get(n, None) or {}))
-               for n in (tasks or [n.strip() for n in mix.tasks.split(",") if n.strip()])]
+  task_list = data_lib.retrieval_mix(config.data.retrieval, tasks).tasks
   num_layers = config.model.num_layers
   parsed = [(m, *parse_mode(m, num_layers, variants)) for m in modes]
   ppl_len = config.seq_len if ppl_seq_len is None else ppl_seq_len
