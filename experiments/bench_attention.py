@@ -193,7 +193,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     perms = (q_perm, k_perm)
     blocked = lambda qq, kk, vv, k_s, v_s, lw, q_perm, k_perm, pos, n_valid: (
         blocked_lib.blocked_attention(qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw,
-                                      scale, bs, window, impl))
+                                      None, scale, bs, window, impl))
     res = {"sort_samples": _fwd_bwd_ms(lambda *a: sort_sample(*a)[:3], (kk, vv, qc, kc), 2),
            "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw, *perms, pos, n_valid), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /

@@ -102,7 +102,7 @@ def _cases(b_args, b_kw, base_args, scale):
   the jitted functions as an argument (closed-over arrays become constants XLA may fold)."""
   def xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w):
     return blocked_lib.blocked_attention_fwd(
-        q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, b_kw["scale"],
+        q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, None, b_kw["scale"],
         b_kw["block_size"], b_kw["window"], "xla")
   xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
   if FLAGS.phase == "fwd":

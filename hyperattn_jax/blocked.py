@@ -56,9 +56,22 @@ def softmax_out_lse(logits: jax.Array, values_fn) -> tuple[jax.Array, jax.Array]
   return out, lse
 
 
-def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, *,
-                          scale: float, block_size: int):
-  """See the module docstring for shapes."""
+class SelectedKeys(NamedTuple):
+  """The keys each sorted query block attends to beyond its own block (``selection.py``), for
+  ``blocked_attention_xla``: k, v ``[batch, kv_heads, nb, S, head_dim]``, keep ``[batch,
+  kv_heads, nb, S]`` bool (False: not attended), drop_samples ``[batch, kv_heads, nb,
+  sample_size]`` bool (True: the sample is left out of the block's residual)."""
+  k: jax.Array
+  v: jax.Array
+  keep: jax.Array
+  drop_samples: jax.Array
+
+
+def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                          selected: SelectedKeys | None = None, *, scale: float,
+                          block_size: int):
+  """See the module docstring for shapes; ``selected``: the chosen keys of the
+  ``select_blocks`` option, a third part of each block's softmax (or None)."""
   b, kh, g, tq, h = qs.shape
   acc = jnp.promote_types(qs.dtype, jnp.float32)  # float32, or float64 for float64 inputs
   nb = ks.shape[2] // block_size
@@ -76,16 +89,27 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=acc)
   s_smp = s_smp * scale + log_weight[:, :, None, None, :]
   own_block = (samp_pos // block_size)[:, :, None, :] == jnp.arange(nb)[None, None, :, None]
+  if selected is not None:
+    own_block = own_block | selected.drop_samples
   s_smp = jnp.where(own_block[:, :, :, None, :], _NEG_INF, s_smp)         # [b, k, nb, 1, m]
+  logits = [s_blk, s_smp]
+  if selected is not None:
+    s_sel = jnp.einsum("bknqh,bknsh->bknqs", q5, selected.k, preferred_element_type=acc) * scale
+    logits.append(jnp.where(selected.keep[:, :, :, None, :], s_sel, _NEG_INF))
+  m = k_samp.shape[2]
 
   def values(p):
-    p_blk, p_smp = p[..., :block_size], p[..., block_size:]
-    return (jnp.einsum("bknqs,bknsh->bknqh", p_blk.astype(vs.dtype), vb,
-                       preferred_element_type=acc) +
-            jnp.einsum("bknqm,bkmh->bknqh", p_smp.astype(v_samp.dtype), v_samp,
-                       preferred_element_type=acc))
+    p_blk, p_smp = p[..., :block_size], p[..., block_size:block_size + m]
+    out = (jnp.einsum("bknqs,bknsh->bknqh", p_blk.astype(vs.dtype), vb,
+                      preferred_element_type=acc) +
+           jnp.einsum("bknqm,bkmh->bknqh", p_smp.astype(v_samp.dtype), v_samp,
+                      preferred_element_type=acc))
+    if selected is not None:
+      out = out + jnp.einsum("bknqs,bknsh->bknqh", p[..., block_size + m:].astype(
+          selected.v.dtype), selected.v, preferred_element_type=acc)
+    return out
 
-  out, lse = softmax_out_lse(jnp.concatenate([s_blk, s_smp], axis=-1), values)
+  out, lse = softmax_out_lse(jnp.concatenate(logits, axis=-1), values)
   out = out.reshape(b, kh, nb, g, qb, h).transpose(0, 1, 3, 2, 4, 5).reshape(b, kh, g, tq, h)
   lse = lse.reshape(b, kh, nb, g, qb).transpose(0, 1, 3, 2, 4).reshape(b, kh, g, tq)
   return out.astype(qs.dtype), lse
@@ -101,43 +125,56 @@ def _blocks_per_chunk(num_blocks: int, elements_per_block: int) -> int:
   return max(c for c in range(1, min(num_blocks, limit) + 1) if num_blocks % c == 0)
 
 
-def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, d_out, lse, delta,
-                   *, scale, block_size):
+def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, selected, d_out,
+                   lse, delta, *, scale, block_size):
   """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan), from
   the statistics ``lse``, ``delta`` ``[b, k, g, tq]`` of the merged result that contains the
   stage (its own, or a merge with other parts; ``merge.part_cotangents``).
 
   Blocks are independent except for the shared samples, whose gradients are summed over the
-  chunks in float32; peak memory is one chunk's score matrix (``_BWD_CHUNK_ELEMENTS``).
+  chunks in float32; peak memory is one chunk's score matrix (``_BWD_CHUNK_ELEMENTS``). The
+  selected keys (``selected``, or None) belong to their block: their gradients ``[b, k, nb, S,
+  h]`` are returned as ``SelectedKeys(dk, dv, None, None)`` (else None).
   """
   b, kh, g, tq, h = qs.shape
   nb = ks.shape[2] // block_size
   qb, m = tq // nb, k_samp.shape[2]
-  c = _blocks_per_chunk(nb, b * kh * g * qb * (block_size + m))
+  extra = 0 if selected is None else selected.k.shape[3]
+  c = _blocks_per_chunk(nb, b * kh * g * qb * (block_size + m + extra))
   nc = nb // c
   chunk_q = lambda x: jnp.moveaxis(x.reshape(b, kh, g, nc, c * qb, *x.shape[4:]), 3, 0)
   chunk_k = lambda x: jnp.moveaxis(x.reshape(b, kh, nc, c * block_size, h), 2, 0)
   unchunk = lambda x, axis, n: jnp.moveaxis(x, 0, axis).reshape(x.shape[1:axis + 1] + (n, h))
+  chunk_sel = lambda x: jnp.moveaxis(x.reshape((b, kh, nc, c) + x.shape[3:]), 2, 0)
+  sel_chunks = (None if selected is None else
+                (chunk_sel(selected.k), chunk_sel(selected.v), chunk_sel(selected.keep),
+                 chunk_sel(selected.drop_samples)))
 
   def body(acc, xs):
-    i, q_c, k_c, v_c, do_c, lse_c, delta_c = xs
+    i, q_c, k_c, v_c, do_c, lse_c, delta_c, sel_c = xs
     offset = i * c * block_size  # positions relative to the chunk's first key
-    stage = lambda q, k, v, k_s, v_s, w: blocked_attention_xla(
-        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, w, scale=scale,
+    keep_c = None if sel_c is None else sel_c[2:]
+    stage = lambda q, k, v, k_s, v_s, w, sel: blocked_attention_xla(
+        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, w,
+        None if sel is None else SelectedKeys(*sel, *keep_c), scale=scale,
         block_size=block_size)
-    (o_c, l_c), vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight)
-    dq, dk, dv, *d_samples = vjp(part_cotangents(o_c, l_c, lse_c, delta_c, do_c))
+    (o_c, l_c), vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight,
+                              None if sel_c is None else sel_c[:2])
+    dq, dk, dv, *d_samples, d_sel = vjp(part_cotangents(o_c, l_c, lse_c, delta_c, do_c))
     acc = tuple(a + d.astype(jnp.float32) for a, d in zip(acc, d_samples))
-    return acc, (dq, dk, dv)
+    return acc, (dq, dk, dv, d_sel)
 
   zeros = (jnp.zeros(k_samp.shape, jnp.float32), jnp.zeros(v_samp.shape, jnp.float32),
            jnp.zeros(log_weight.shape, jnp.float32))
-  (dks, dvs, dw), (dq, dk, dv) = jax.lax.scan(
+  (dks, dvs, dw), (dq, dk, dv, d_sel) = jax.lax.scan(
       body, zeros, (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out),
-                    chunk_q(lse), chunk_q(delta)))
+                    chunk_q(lse), chunk_q(delta), sel_chunks))
   dq = unchunk(dq, 3, tq)
   dk, dv = unchunk(dk, 2, nb * block_size), unchunk(dv, 2, nb * block_size)
-  return dq, dk, dv, dks, dvs, dw
+  if d_sel is not None:
+    unchunk_sel = lambda x: jnp.moveaxis(x, 0, 2).reshape((b, kh, nb) + x.shape[4:])
+    d_sel = SelectedKeys(unchunk_sel(d_sel[0]), unchunk_sel(d_sel[1]), None, None)
+  return dq, dk, dv, dks, dvs, dw, d_sel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,31 +252,45 @@ def _sorted_inputs(q, k, v, q_perm, k_perm, window):
           grouped_rows(v, kp, window.k_offset)[:, :, 0])
 
 
+def _selected_keys(k, v, selection, window: RowWindow) -> SelectedKeys | None:
+  """The chosen keys' rows of k/v ``[P, Rk, Nkv, H]`` -> :class:`SelectedKeys` (``selection``:
+  a ``selection.Selection`` of the window's local key rows, or None)."""
+  if selection is None:
+    return None
+  p, kh, nb, n = selection.rows.shape
+  rows = lambda x: grouped_rows(x, selection.rows.reshape(p, kh, 1, nb * n),
+                                window.k_offset)[:, :, 0].reshape(p, kh, nb, n, x.shape[-1])
+  return SelectedKeys(rows(k), rows(v), selection.keep, selection.drop_samples)
+
+
 def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                          scale: float, block_size: int, window: RowWindow, implementation: str,
-                          into=None):
+                          selection, scale: float, block_size: int, window: RowWindow,
+                          implementation: str, into=None):
   """The forward of :func:`blocked_attention` (same arguments and results), not differentiable.
 
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``; a causal level's quadrants): returns it with the stage's result merged
-  into the window's query rows by log-sum-exp (the Pallas kernel does so in place).
+  into the window's query rows by log-sum-exp (the Pallas kernel does so in place). With a
+  ``selection`` the stage runs in XLA (not in the Pallas kernels yet).
   """
-  if implementation == "pallas":
+  if implementation == "pallas" and selection is None:
     from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                                     log_weight, scale=scale, block_size=block_size,
                                     window=window, into=into)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                                   scale=scale, block_size=block_size)
+                                   _selected_keys(k, v, selection, window), scale=scale,
+                                   block_size=block_size)
   out = unsort_rows(_public(out), q_perm, window.q_len)
   lse = unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2)
   return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
 
 
 def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                          d_out, lse, delta, scale: float, block_size: int, window: RowWindow,
-                          implementation: str, into=None, weight_grad: bool = True):
+                          selection, d_out, lse, delta, scale: float, block_size: int,
+                          window: RowWindow, implementation: str, into=None,
+                          weight_grad: bool = True):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
   Arguments as :func:`blocked_attention`, plus the merged result's ``d_out`` ``[P, Rq, N, H]``
@@ -250,9 +301,9 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   ``weight_grad``: the Pallas kernels then skip its reduction). ``into``: running
   ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
-  Pallas kernels).
+  Pallas kernels). The selected keys' gradients are inside dk/dv.
   """
-  if implementation == "pallas":
+  if implementation == "pallas" and selection is None:
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
                                         n_valid, log_weight, d_out, lse, delta, scale=scale,
@@ -260,22 +311,35 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
                                         weight_grad=weight_grad)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
-  dq, dk, dv, dks, dvs, dw = _recompute_bwd(
+  dq, dk, dv, dks, dvs, dw, d_sel = _recompute_bwd(
       qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-      grouped_rows(d_out, q_perm, window.q_offset), stats(lse), stats(delta), scale=scale,
-      block_size=block_size)
+      _selected_keys(k, v, selection, window), grouped_rows(d_out, q_perm, window.q_offset),
+      stats(lse), stats(delta), scale=scale, block_size=block_size)
   kp = k_perm[:, :, None]
   dq = unsort_rows(_public(dq), q_perm, window.q_len)
   dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
   dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
+  if d_sel is not None:  # a key may be chosen by several blocks: scatter-add
+    dk, dv = (_add_selected(d, ds, selection.rows) for d, ds in ((dk, d_sel.k), (dv, d_sel.v)))
   if into is not None:
     dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
   return dq, dk, dv, dks, dvs, dw if weight_grad else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _add_selected(acc, vals, rows):
+  """``acc`` ``[P, k_len, Nkv, H]`` with ``vals`` ``[P, Nkv, nb, S, H]`` added at the local key
+  rows ``rows`` ``[P, Nkv, nb, S]`` (-1: dropped)."""
+  p, kh = rows.shape[:2]
+  rows = jnp.where(rows >= 0, rows, acc.shape[1]).reshape(p, kh, -1)
+  vals = vals.reshape(p, kh, -1, vals.shape[-1]).astype(acc.dtype)
+  return acc.at[jnp.arange(p)[:, None, None], rows, jnp.arange(kh)[None, :, None]].add(
+      vals, mode="drop")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14))
 def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                      scale: float, block_size: int, window: RowWindow, implementation: str):
+                      selection, scale: float, block_size: int, window: RowWindow,
+                      implementation: str):
   """The blocked stage on rows by index, with the chosen forward (``"xla"``/``"pallas"``).
 
   Args:
@@ -285,6 +349,8 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
     k_perm: ``[P, Nkv, nb * block_size]`` int32 local key rows in sorted order (-1: padding);
       sorted positions ``>= n_valid`` are invalid keys, and -1 entries may only lie there.
     k_samp, v_samp, samp_pos, n_valid, log_weight: as ``blocked_attention_xla``.
+    selection: the ``select_blocks`` option's ``selection.Selection`` (local key rows of the
+      window), or None.
   Returns:
     out ``[P, q_len, N, H]`` (q's dtype), lse ``[P, N, q_len]`` float32, unsorted.
 
@@ -296,20 +362,20 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
   it by autodiff (the reference).
   """
   return blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                               log_weight, scale, block_size, window, implementation)
+                               log_weight, selection, scale, block_size, window, implementation)
 
 
-def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, scale,
-             block_size, window, implementation):
+def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, selection,
+             scale, block_size, window, implementation):
   inputs, perturbed = primal_values((q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
-                                     n_valid, log_weight))
+                                     n_valid, log_weight, selection))
   out, lse = blocked_attention_fwd(*inputs, scale, block_size, window, implementation)
-  return (out, lse), (inputs, out, lse, flag(perturbed[-1]))
+  return (out, lse), (inputs, out, lse, flag(perturbed[9]))
 
 
 def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
   inputs, out, lse, weight_grad = res
-  q, k, v, _, _, k_samp, v_samp, _, _, log_weight = inputs
+  q, k, v, _, _, k_samp, v_samp, _, _, log_weight, _ = inputs
   d_out, d_lse = dense(cotangents[0]), nonzero(cotangents[1])
   in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1])        # window -> q's rows
   stats_in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1], axis=2)
@@ -321,7 +387,7 @@ def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
   return (cast(in_q_rows(dq), q),
           cast(embed_rows(dk, window.k_offset, k.shape[1]), k),
           cast(embed_rows(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
-          cast(dvs, v_samp), None, None, cast(dw, log_weight))
+          cast(dvs, v_samp), None, None, cast(dw, log_weight), None)
 
 
 blocked_attention.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)

@@ -42,6 +42,16 @@ class HyperAttentionConfig:
       ``local_window`` keys just before it exactly -- also at the start of a base block, where
       the paper's algorithm has none. 0: none.
     Both must fit the smallest quadrant: ``sink_size + local_window <= min_seq_len // 2``.
+    select_blocks: query-aware key-block selection: the keys of every problem (the non-causal
+      call, each causal quadrant) are cut into runs of ``select_block_size`` consecutive keys,
+      and each sorted query block also attends exactly to the ``select_blocks`` runs whose
+      upper bound on ``q . k`` over the block's queries is largest (the per-channel bound of
+      Quest, Tang et al. 2024: ``sum_d max(q_d kmax_d, q_d kmin_d)``); the samples that fall in
+      a selected run are left out of that block's residual (so every key is counted once). It
+      finds a key whose score is large through its norm, which angular LSH misses. 0: none
+      (the paper's algorithm). The blocked stage then runs in XLA (the Pallas kernels do not
+      have it yet).
+    select_block_size: keys per selectable run (see ``select_blocks``).
   """
 
   block_size: int = 256
@@ -55,6 +65,8 @@ class HyperAttentionConfig:
   approx_d_rows: int = 256
   sink_size: int = 0
   local_window: int = 0
+  select_blocks: int = 0
+  select_block_size: int = 64
 
   def __post_init__(self):
     for name, allowed in (("sampler", ("uniform", "value_norm")),
@@ -66,11 +78,11 @@ class HyperAttentionConfig:
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not kappa >= 1:
       raise ValueError(f"HyperAttentionConfig.approx_d_kappa must be a number >= 1, got {kappa!r}")
     for name in ("block_size", "sample_size", "lsh_num_projs", "min_seq_len", "exact_chunk_size",
-                 "approx_d_rows"):
+                 "approx_d_rows", "select_block_size"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"HyperAttentionConfig.{name} must be a positive int, got {value!r}")
-    for name in ("sink_size", "local_window"):
+    for name in ("sink_size", "local_window", "select_blocks"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"HyperAttentionConfig.{name} must be an int >= 0, got {value!r}")
@@ -79,6 +91,10 @@ class HyperAttentionConfig:
           f"HyperAttentionConfig.sink_size + local_window ({self.sink_size} + "
           f"{self.local_window}) must be <= min_seq_len // 2 ({self.min_seq_len // 2}): both "
           "must fit the left half of the smallest causal quadrant")
+    if self.select_blocks and self.normalizer != "merged":
+      raise ValueError(
+          f"HyperAttentionConfig.select_blocks={self.select_blocks} needs normalizer='merged' "
+          f"(ApproxD's residual is defined without the selected keys), got {self.normalizer!r}")
     if self.lsh_num_projs > 30:
       raise ValueError(
           f"HyperAttentionConfig.lsh_num_projs must be <= 30 (bucket ids are int32), "

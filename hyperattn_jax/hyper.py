@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from hyperattn_jax import checks
 from hyperattn_jax import cudnn
 from hyperattn_jax import lsh
+from hyperattn_jax import selection as selection_lib
 from hyperattn_jax.blocked import (RowWindow, blocked_attention, blocked_attention_bwd,
                                    blocked_attention_fwd, grouped_rows)
 from hyperattn_jax.config import HyperAttentionConfig
@@ -86,6 +87,7 @@ class _Plan(NamedTuple):
   n_valid: jax.Array     # [P] valid keys
   log_weight: jax.Array  # [P, Nkv, m] float32
   tau_rows: jax.Array | None  # [P, Nkv, approx_d_rows] ApproxD's sorted query rows, or None
+  selection: selection_lib.Selection | None  # the select_blocks option's chosen keys, or None
 
 
 def _sort_keys(q, k, key_mask, projections):
@@ -205,17 +207,24 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
                                           config.sample_size)
   tau_rows = (lsh.draw_rows(rows_rng, b, kh, tq, config.approx_d_rows)
               if config.normalizer == "approx_d" else None)
-  return _Plan(q_perm, k_perm, jnp.take_along_axis(k_perm, samp_pos, axis=-1), samp_pos, n_valid,
-               log_weight, tau_rows)
+  samp_rows = jnp.take_along_axis(k_perm, samp_pos, axis=-1)
+  selection = None
+  if config.select_blocks:
+    keys = jax.lax.slice_in_dim(k, window.k_offset, window.k_offset + tk, axis=1)
+    selection = selection_lib.build_selection(
+        grouped_rows(q, q_perm, window.q_offset), q_perm >= 0, keys.transpose(0, 2, 1, 3),
+        jnp.ones((b, tk), jnp.bool_) if key_mask is None else key_mask, k_perm, samp_rows,
+        config.block_size, config.select_blocks, config.select_block_size)
+  return _Plan(q_perm, k_perm, samp_rows, samp_pos, n_valid, log_weight, tau_rows, selection)
 
 
 def _stage_arrays(q, k, v, plan: _Plan, window: RowWindow):
   """The blocked stage's array arguments (``blocked.blocked_attention``) for the plan's problems:
   q/k/v ``[P, R, ., H]``, the permutations, the samples' rows of k and v gathered ``[P, Nkv, m,
-  H]``, their positions, the valid key counts and the log-weights (last)."""
+  H]``, their positions, the valid key counts, the log-weights and the selection (last)."""
   samples = lambda x: grouped_rows(x, plan.samp_rows[:, :, None], window.k_offset)[:, :, 0]
   return (q, k, v, plan.q_perm, plan.k_perm, samples(k), samples(v), plan.samp_pos, plan.n_valid,
-          plan.log_weight)
+          plan.log_weight, plan.selection)
 
 
 def _residual_lse_max(qs, ks, n_valid, rows, scale, q_block, block_size, chunk):
@@ -252,8 +261,9 @@ def _attend_blocks(q, k, v, plan: _Plan, config: HyperAttentionConfig, scale, im
   output is rescaled to that normaliser (the clamp adds mass with value 0).
   """
   bs = config.block_size
-  arrays = _stage_arrays(q, k, v, plan, window)[:-1]  # all but the log-weights
-  stage = lambda w: blocked_attention(*arrays, w, scale, bs, window, implementation)
+  arrays = _stage_arrays(q, k, v, plan, window)[:-2]  # all but the log-weights and selection
+  stage = lambda w: blocked_attention(*arrays, w, plan.selection, scale, bs, window,
+                                      implementation)
   out, lse = stage(plan.log_weight)
   if config.normalizer == "merged":
     return out, lse
@@ -510,7 +520,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
       dk, dv = add_key_rows(dk, plan.samp_rows, dks), add_key_rows(dv, plan.samp_rows, dvs)
     grads = (dq, dk, dv)
     d_plans.append(_Plan(None, None, None, None, None,
-                         None if dw is None else dw.astype(plan.log_weight.dtype), None))
+                         None if dw is None else dw.astype(plan.log_weight.dtype), None, None))
   return grads + (tuple(d_plans), None)
 
 

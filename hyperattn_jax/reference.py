@@ -14,8 +14,11 @@ clamp), carried as a separate log-mass beside the matrix.
 Causal: exact causal weights on the diagonal base blocks, and each recursion level's lower-left
 quadrants filled from the non-causal weights. The options' exactly attended keys (sinks: the
 first ``sink_size`` keys; band: the last ``local_window`` keys of a quadrant's left half) get
-their exact score and are left out of the approximation (hashing, samples, ``n_valid``). Summing unnormalised weights is what the
-log-sum-exp merges compute, so this matrix's softmax is the approximation's output.
+their exact score and are left out of the approximation (hashing, samples, ``n_valid``).
+``select_blocks``: the keys of the runs a query's sorted block chooses (the largest bounds over
+the block's queries, computed here from the dense per-query bounds) get their exact score too,
+and a sampled key in such a run loses its sample weight. Summing unnormalised weights is what
+the log-sum-exp merges compute, so this matrix's softmax is the approximation's output.
 
 Shares only the random draws (``lsh.py``) with the fast path; block membership comes from sort
 ranks here, from gathers there. Memory is ``O(seq**2)``: small inputs only.
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax import lsh
+from hyperattn_jax import selection
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import causal_levels
 
@@ -107,14 +111,37 @@ def lsh_blocks(q, k, key_mask, rng, config, v=None, projections=None):
   return q_rank // qb, k_block, jnp.repeat(sample_w, g, axis=1), q_rank
 
 
+def _selected(q, k, key_mask, q_block, config):
+  """``[B, Nq, Tq, Tk]`` bool: key j lies in a run chosen by query i's sorted block (the runs
+  of largest bound maxed over the block's queries of all heads of the kv head)."""
+  b, tq, nq, _ = q.shape
+  tk, kh = k.shape[1], k.shape[2]
+  run = config.select_block_size
+  nb = -(-tk // config.block_size)
+  kmax, kmin, has_key = selection.run_extrema(k.transpose(0, 2, 1, 3), key_mask, run)
+  bound = selection.block_bounds(_grouped(q, kh), kmax[:, :, None], kmin[:, :, None])
+  member = (q_block.reshape(b, kh, nq // kh, tq)[..., None] == jnp.arange(nb))  # [B,Nkv,G,Tq,nb]
+  scores = jnp.max(jnp.where(member[..., None], bound[:, :, :, :, None, :], _NEG_INF),
+                   axis=(2, 3))                                        # [B, Nkv, nb, R]
+  scores = jnp.where(has_key[:, :, None, :], scores, _NEG_INF)
+  chosen = jax.lax.top_k(scores, min(config.select_blocks, scores.shape[-1]))[1]
+  picked = jnp.any(jnp.arange(scores.shape[-1])[:, None] == chosen[..., None, :], axis=-1)
+  picked = jnp.repeat(picked, nq // kh, axis=1)                        # [B, Nq, nb, R]
+  rows = jnp.take_along_axis(picked, q_block[..., None], axis=2)       # [B, Nq, Tq, R]
+  return jnp.take(rows, jnp.arange(tk) // run, axis=-1)
+
+
 def _noncausal_log_weights(q, k, v, key_mask, rng, config, scale, projections=None):
   """Log-weights ``[B, Nq, Tq, Tk]`` and the phantom log-mass ``[B, Nq, Tq]`` (or None)."""
   q_block, k_block, sample_w, q_rank = lsh_blocks(q, k, key_mask, rng, config, v, projections)
   s = _scores(q, k, scale)
   same = q_block[..., :, None] == k_block[..., None, :]
   valid = key_mask[:, None, None, :]
-  log_w = jnp.where(same, s, jnp.where(sample_w[:, :, None, :] > 0,
-                                       s + jnp.log(sample_w)[:, :, None, :], _NEG_INF))
+  sampled = jnp.where(sample_w[:, :, None, :] > 0, s + jnp.log(sample_w)[:, :, None, :],
+                      _NEG_INF)
+  if config.select_blocks:
+    sampled = jnp.where(_selected(q, k, key_mask, q_block, config), s, sampled)
+  log_w = jnp.where(same, s, sampled)
   log_w = jnp.where(valid, log_w, _NEG_INF)
   if config.normalizer == "merged":
     return log_w, None

@@ -1,4 +1,4 @@
-"""The options beyond the paper: attention sinks and the exact causal band."""
+"""The options beyond the paper: attention sinks, the exact causal band, key-block selection."""
 
 import dataclasses
 
@@ -26,6 +26,8 @@ def _mask(seed, b, n):
     (True, dict(sink_size=3, local_window=17), True),
     (True, dict(local_window=24), False),
     (False, dict(sink_size=5), True),
+    (False, dict(select_blocks=2, select_block_size=8), True),
+    (True, dict(select_blocks=3, select_block_size=5, sink_size=3, local_window=17), True),
 ])
 def test_options_match_dense_reference(seed, causal, options, masked):
   """Odd length (2 causal levels, padding), GQA; out and lse against the oracle, and the
@@ -111,10 +113,51 @@ def test_options_bf16(seed):
   assert rel_err(out, jit_reference(q, k, v, rng=rng, causal=True, config=config)[0]) < 1e-2
 
 
+def test_selection_gradients_match_reference(seed):
+  """The selected keys' gradients (scatter-added: several blocks may choose one key) through
+  the causal recursion's VJP and the non-causal custom VJP equal autodiff of the oracle."""
+  q, k, v = make_qkv(seed, 1, 200, 200, 4, 2, 8)
+  rng = jax.random.key(seed)
+  mask = _mask(seed, 1, 200)
+  config = dataclasses.replace(SMALL, select_blocks=2, select_block_size=8)
+  w = jax.random.normal(jax.random.key(seed + 1), q.shape)
+  loss = lambda o, l: jnp.sum(o * w) + jnp.sum(jnp.sin(l))
+  for causal in (True, False):
+    fast = lambda q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=config,
+                                           key_mask=mask, return_lse=True, implementation="xla")
+    ref = lambda q, k, v: reference.reference_hyper_attention(q, k, v, rng=rng, causal=causal,
+                                                             config=config, key_mask=mask)
+    g = jax.jit(jax.grad(lambda *x: loss(*fast(*x)), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.jit(jax.grad(lambda *x: loss(*ref(*x)), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g, g_ref):
+      assert rel_err(a, b) < 1e-5
+
+
+def test_selection_finds_a_large_norm_key(seed):
+  """The case the option exists for: one key at a moderate angle (cosine 0.6) to one query but
+  with a large norm, so that it holds nearly all of that query's attention. Its run's bound is
+  at least the key's score, so the query's block chooses it: the output is the needle's value,
+  wherever LSH put the pair (the paper's algorithm finds it only when they share a block)."""
+  n, h = 512, 16
+  q, k, v = make_qkv(seed, 1, n, n, 1, 1, h)
+  target = jax.random.normal(jax.random.key(seed + 3), (h,))
+  target = target / jnp.linalg.norm(target)
+  side = jnp.roll(target, 1) - jnp.dot(jnp.roll(target, 1), target) * target
+  q = q.at[0, n - 1, 0].set(4.0 * target)
+  k = k.at[0, 37, 0].set(40.0 * (0.6 * target + 0.8 * side / jnp.linalg.norm(side)))
+  config = dataclasses.replace(SMALL, select_blocks=1, select_block_size=16)
+  out = hyper_attention(q, k, v, rng=jax.random.key(seed), config=config,
+                        implementation="xla")[0, n - 1]
+  assert rel_err(out, dense_attention(q, k, v)[0][0, n - 1]) < 1e-3
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(sink_size=-1), "sink_size must be an int >= 0"),
     (dict(local_window=2.0), "local_window must be an int >= 0"),
     (dict(sink_size=20, local_window=13), r"must be <= min_seq_len // 2 \(32\)"),
+    (dict(select_blocks=-2), "select_blocks must be an int >= 0"),
+    (dict(select_block_size=0), "select_block_size must be a positive int"),
+    (dict(select_blocks=2, normalizer="approx_d"), "select_blocks=2 needs normalizer='merged'"),
 ])
 def test_bad_option_values(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -60,7 +60,7 @@ def _xla_stage(args, scale, bs, window):
   """The XLA forward without the custom VJP (plain autodiff is the gradient reference)."""
   q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
   return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, scale, bs, window, "xla")
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, None, scale, bs, window, "xla")
 
 
 def _assert_lse_close(lse, ref, atol):
@@ -264,7 +264,7 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   scale, bs, parts = dims[-1] ** -0.5, dims[5], q.shape[0]  # P problems = 1 row x P parts
   unfold = lambda x: x.reshape((1, -1) + x.shape[2:])
   fwd = lambda into=None: blocked_lib.blocked_attention_fwd(
-      *args, scale, bs, window, implementation, into=into)
+      *args, None, scale, bs, window, implementation, into=into)
   o_d, l_d = fwd()
   prior_out, prior_lse = _random_prior(seed, jnp.zeros_like(q), jnp.zeros(
       (q.shape[0], q.shape[2], q.shape[1])))
@@ -285,7 +285,7 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   lse_rows = jnp.where(jnp.isfinite(prior_lse), prior_lse, 0.0) + 2.0
   delta = jax.random.normal(jax.random.key(seed + 5), lse_rows.shape)
   bwd = lambda into=None: blocked_lib.blocked_attention_bwd(
-      *args, d_out, lse_rows, delta, scale, bs, window, implementation, into=into)
+      *args, None, d_out, lse_rows, delta, scale, bs, window, implementation, into=into)
   dq, dk, dv, *samples = bwd()
   grads_in = tuple(jax.random.normal(jax.random.key(seed + 9 + i), unfold(x).shape)
                    for i, x in enumerate((q, k, v)))
@@ -341,7 +341,8 @@ def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
 
   fast = lambda q, k, v, k_s, v_s, log_w: blocked_attention(
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, 0.35, 16, window, implementation)
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, None, 0.35, 16, window,
+      implementation)
   plain = _xla_stage(args, 0.35, 16, window)
   grads = lambda stage: jax.jit(jax.grad(functools.partial(loss, stage),
                                           argnums=tuple(range(6))))(*diff)
