@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.implementation = config_dict.placeholder(str)  # None (auto) | "xla" | "pallas"
   c.hyper = ml_collections.ConfigDict(dict(
       block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096, sink_size=0,
-      local_window=0))
+      local_window=0, select_blocks=0, select_block_size=64))
 
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,

@@ -93,7 +93,7 @@ def main(argv):
       q_block, _, _, _ = lsh_blocks(q[:, half:], k[:, :half], jnp.ones((1, half), bool),
                                     jax.random.key(p), hyper)
       own = np.asarray(q_block[0, kv * g:(kv + 1) * g] == q_block[0, head, row - half])
-      lsh_rows = q2[:, kv * g:(kv + 1) * g][own]                  # [rows, H] of its sorted block
+      lsh_rows = q2[:, kv * g:(kv + 1) * g][own.T]                # [rows, H] of its sorted block
       c0 = (row - half) // 128 * 128
       near_rows = q2[c0:c0 + 128, kv * g:(kv + 1) * g].reshape(-1, q2.shape[-1])
       for bk in (int(b) for b in FLAGS.key_blocks):
