@@ -1,26 +1,21 @@
 """A CPU demo: exact vs HyperAttention time and error on inputs with planted heavy keys.
 
-  python experiments/demo.py [--n=8192] [--causal]
+  python -m experiments.demo [--n=8192] [--causal]
 Each query has one key with a dominant score hidden at a random position (what LSH is for); the
 rest is random. Prints time and relative error of hyper_attention vs exact_attention.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
+from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 
 flags.DEFINE_integer("n", 8192, "Sequence length.")
 flags.DEFINE_integer("heads", 4, "Heads.")

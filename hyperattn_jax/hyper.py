@@ -61,7 +61,7 @@ def _cdiv(a: int, b: int) -> int:
 def _exact_implementation(q, key_mask, implementation):
   """The exact kernel to run: on GPU ("pallas") cuDNN's fused kernels where cuDNN can (no key
   mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
-  ``experiments/bench_attention.py``)."""
+  ``experiments/benchmarks/bench_attention.py``)."""
   if implementation == "pallas" and cudnn.available(q, key_mask):
     return "cudnn"
   return implementation

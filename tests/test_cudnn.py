@@ -1,7 +1,7 @@
 """cuDNN exact attention with float32 LSE (the GPU base case) against the XLA loops.
 
 cuDNN exists only on an NVIDIA GPU: on other backends these tests are skipped (and
-``cudnn.available`` must say False, checked below everywhere).
+``cudnn.available`` must say False, checked below everywhere). Marked ``gpu``.
 """
 
 import jax
@@ -14,6 +14,8 @@ from hyperattn_jax import HyperAttentionConfig, hyper_attention
 from hyperattn_jax import cudnn
 from hyperattn_jax.exact import flash_attention, kernel_backward, kernel_forward
 from hyperattn_jax.merge import merge_attention
+
+pytestmark = pytest.mark.gpu
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="cuDNN runs only on an NVIDIA GPU")

@@ -137,23 +137,23 @@ def test_decode_and_generate_errors():
 
 
 def test_generate_script_end_to_end(tmp_path):
-  """experiments/generate.py on a tiny checkpoint, HyperAttention in the last layer's prefill:
-  the prompt keeps its last seq_len - max_new_tokens bytes and its first new token is the argmax
-  of that model's forward on them."""
+  """``python -m experiments.lm.generate_text`` on a tiny checkpoint, HyperAttention in the last
+  layer's prefill: the prompt keeps its last seq_len - max_new_tokens bytes and its first new
+  token is the argmax of that model's forward on them."""
   config = micro_config(num_steps=1, attention="exact", eval_every=1, checkpoint_every=1)
   train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   prompt_file = tmp_path / "prompt.txt"
   prompt_file.write_bytes(b"def main():\n  return 0\n" * 8)        # 192 bytes
   out = tmp_path / "gen.json"
   res = subprocess.run(
-      [sys.executable, "experiments/generate.py", f"--workdir={tmp_path / 'run'}",
+      [sys.executable, "-m", "experiments.lm.generate_text", f"--workdir={tmp_path / 'run'}",
        f"--prompt_file={prompt_file}", "--max_new_tokens=5", "--seq_len=105",
        "--hyper_last_layers=1", f"--out={out}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   record = json.loads(out.read_text())
   assert record["prompt_len"] == 100 and "time_to_first_token_s=" in res.stderr
-  assert record["meta"]["command"].startswith("experiments/generate.py")
+  assert record["meta"]["command"].startswith("python -m experiments.lm.generate_text --workdir=")
   cfg = train_lib.model_config(config, attention="hyper", hyper_last_layers=1)
   assert model_lib.attention_modes(cfg) == ("exact", "hyper")
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

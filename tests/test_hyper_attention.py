@@ -43,6 +43,7 @@ def test_exact_attention_gradients(seed, causal):
     assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.gpu  # on the GPU the base case's backward is cuDNN's (without an lse cotangent)
 @pytest.mark.parametrize("attend", ["hyper_causal", "exact", "exact_causal"])
 def test_lse_cotangent_only_where_the_lse_is_differentiated(seed, attend, monkeypatch):
   """The exact backward (exact attention, the causal recursion's base case) receives an lse

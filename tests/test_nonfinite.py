@@ -31,7 +31,10 @@ def _poisoned(seed, seq):
 # (implementation, causal, seq): the exact regime once (its guards are those of the causal base
 # case), the approximation on both paths (causal: the base case, a level's blocked stage merged
 # into the running rows; the Pallas non-causal stage stores its rows without a merge).
-CASES = [("xla", True, 24), ("xla", True, 64), ("pallas", False, 64), ("pallas", True, 64)]
+# The Pallas cases are marked gpu: on the GPU machine they run the compiled kernels.
+CASES = [("xla", True, 24), ("xla", True, 64),
+         pytest.param("pallas", False, 64, marks=pytest.mark.gpu),
+         pytest.param("pallas", True, 64, marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("implementation,causal,seq", CASES)

@@ -1,4 +1,7 @@
-"""Pallas kernels (interpret mode on CPU) against their XLA references, and the blocked VJP."""
+"""Pallas kernels (interpret mode on CPU) against their XLA references, and the blocked VJP.
+
+The tests marked ``gpu`` are the compiled-kernel checks to run on the GPU machine (compiled
+Triton checks what interpret mode does not, e.g. power-of-two load shapes)."""
 
 import dataclasses
 import functools
@@ -105,6 +108,7 @@ def test_blocked_kernel_matches_xla(seed, shape, dtype, atol, sort_in_kernel):
   _assert_lse_close(lse, ref_lse, atol)
 
 
+@pytest.mark.gpu
 def test_own_block_samples_masked_in_any_order(seed):
   """Samples in draw order (not ascending): a block's samples spread over every chunk, which
   must all mask them (forward and backward == XLA); ascending samples skip the select in the
@@ -226,6 +230,7 @@ def _random_prior(seed, out, lse):
           prior_lse.at[..., :5].set(-jnp.inf))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype,tol,sort_in_kernel",
                          [(s, d, 1e-5 if d == jnp.float32 else 2e-2, True)
                           for s, d, _ in BLOCKED_CASES] + [(BLOCKED[2], jnp.float32, 1e-5, False)])
@@ -252,6 +257,7 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
   assert rel_err(grads[5], ref[5]) < tol
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
 @pytest.mark.parametrize("shape", BLOCKED[:2])  # head_dim 16: in place; 24: padded, merged by XLA
 def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
@@ -298,6 +304,7 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
     np.testing.assert_allclose(fold_rows(g, parts), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
@@ -310,6 +317,7 @@ def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
   _assert_grads_close(grads, vjp((d_out, d_lse)), tol)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_exact_backward_from_merged_statistics(seed, implementation):
   """kernel_backward from the statistics of a merge with another part == autodiff of that
@@ -360,6 +368,7 @@ SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min
                              exact_chunk_size=48)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,masked,block_size", [(200, False, 32), (256, True, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_hyper_pallas_equals_xla_and_reference(seed, causal, n, masked, block_size):

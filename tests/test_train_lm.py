@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import eval_lm
-from experiments.configs import tiny
 from experiments.lm import data as data_lib
+from experiments.lm import eval_lm
 from experiments.lm import train as train_lib
+from experiments.lm.configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,8 +78,8 @@ def test_invalid_config_values_raise_clear_errors():
 
 
 def test_command_line_overrides(tmp_path):
-  base = [sys.executable, "experiments/train_lm.py", "--config=experiments/configs/tiny.py",
-          f"--workdir={tmp_path}"]
+  base = [sys.executable, "-m", "experiments.lm.main",
+          "--config=experiments/lm/configs/tiny.py", f"--workdir={tmp_path}"]
   run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True,
                                       text=True, timeout=300, check=False)
   bad_value = run("--config.attention=fast")
@@ -96,7 +96,7 @@ def test_logging_is_quiet_unless_verbosity_is_given(tmp_path):
            "--config.attention=exact", "--config.model.num_layers=1", "--config.model.d_model=32",
            "--config.model.mlp_dim=64", "--config.model.head_dim=8"]
   run = lambda *extra: subprocess.run(
-      [sys.executable, "experiments/train_lm.py", "--config=experiments/configs/tiny.py",
+      [sys.executable, "-m", "experiments.lm.main", "--config=experiments/lm/configs/tiny.py",
        f"--workdir={tmp_path}", *micro, *extra], cwd=ROOT, capture_output=True, text=True,
       timeout=300, check=True)
   info = lambda stderr: [line for line in stderr.splitlines() if line.startswith("I")]

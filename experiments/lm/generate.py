@@ -1,7 +1,7 @@
 """Autoregressive generation with the LM example: prefill with each layer's mode, then a KV cache.
 
-``generate(params, cfg, prompt_tokens, max_new_tokens, ...)`` is what ``experiments/generate.py``
-and ``experiments/bench_generate.py`` run. The prompt is one call of the model with
+``generate(params, cfg, prompt_tokens, max_new_tokens, ...)`` is what ``generate_text.py`` and
+``experiments/benchmarks/bench_generate.py`` run. The prompt is one call of the model with
 ``decode=True`` (the prefill: every attention layer writes the prompt's keys/values into its cache
 and attends with its configured mode, HyperAttention where ``"hyper"``); each new token is one
 call of a jitted decode step (exact attention over the cache, linear in its length). Both are

@@ -29,16 +29,9 @@ from experiments.lm import train as train_lib
 __all__ = ["export_params", "import_params"]
 
 
-def _read_config(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def export_params(workdir: str, out_prefix: str, parts: int) -> list[str]:
   """Writes ``{out_prefix}-{i}.npz`` (uint16 bit patterns of bf16 leaves, by tree path)."""
-  config = _read_config(workdir)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, step = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  config, params, step = train_lib.restore_run(workdir)
   leaves = [(jax.tree_util.keystr(path),
              np.asarray(jnp.asarray(x, jnp.bfloat16)).view(np.uint16))
             for path, x in jax.tree_util.tree_leaves_with_path(params)]

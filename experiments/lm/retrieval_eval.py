@@ -1,6 +1,6 @@
 """Needle-in-a-haystack scoring of a checkpoint in several attention modes.
 
-The logic behind ``experiments/eval_retrieval.py`` (see there for the command line). For each
+The logic behind ``experiments/lm/eval_retrieval.py`` (see there for the command line). For each
 mode, context length and needle-depth bin, the probes of every task (``retrieval.py``) are
 written into validation text and scored teacher-forced: per-token accuracy over the answer
 tokens and exact match per query (every answer token the argmax: what greedy decoding would
@@ -14,8 +14,6 @@ applied on top of the checkpoint's settings.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -111,10 +109,7 @@ def run(workdir: str, lengths, modes, variants: dict, tasks=None, depth_bins: in
         samples: int = 4, batch: int = 1, timing_reps: int = 3, ppl_seq_len=None, seed: int = 0):
   """Rows ``{mode, task, seq_len, depth_bin, exact_match, token_accuracy, queries}``, the
   prefill/perplexity row of every (mode, length), and the checkpoint step."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, step = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  config, params, step = train_lib.restore_run(workdir)
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   task_list = data_lib.retrieval_mix(config.data.retrieval, tasks).tasks
   num_layers = config.model.num_layers
@@ -143,7 +138,7 @@ def run(workdir: str, lengths, modes, variants: dict, tasks=None, depth_bins: in
   if ppl_len:
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.seq_len = ppl_len
-    sharding = NamedSharding(mesh, P("data"))
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
     for mode, layers, overrides in parsed:
       model = model_lib.Transformer(_model_config(config, layers, overrides))
       ev = train_lib.evaluate(params, model, corpus.valid, eval_config, sharding,
@@ -156,10 +151,7 @@ def run(workdir: str, lengths, modes, variants: dict, tasks=None, depth_bins: in
 def diagnose(workdir: str, length: int, probes: int = 4, draws: int = 4, seed: int = 0):
   """``retrieval_diagnostics.needle_diagnostics`` of the checkpoint (float32, exact) with its
   HyperAttention settings."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, _ = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  config, params, _ = train_lib.restore_run(workdir)
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   cfg = train_lib.model_config(config, attention="exact", dtype=jnp.float32)
   return retrieval_diagnostics.needle_diagnostics(params, cfg, corpus.valid, length,

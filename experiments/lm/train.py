@@ -1,6 +1,6 @@
 """Training loop: data-parallel AdamW on a `data` mesh, orbax checkpoints, exact resume.
 
-``train_and_evaluate(config, workdir)`` is what ``experiments/train_lm.py`` runs. Everything a
+``train_and_evaluate(config, workdir)`` is what ``experiments/lm/main.py`` runs. Everything a
 step depends on is a pure function of ``(config.seed, step)`` -- the batch (see ``data.py``) and
 the HyperAttention rng -- and the checkpoint holds params, optimizer state and the step, so a
 run killed at any point and restarted with the same workdir reproduces the losses of an
@@ -31,7 +31,7 @@ from experiments.lm.metrics import MetricWriter
 from hyperattn_jax import HyperAttentionConfig
 
 __all__ = ["Phase", "curriculum", "validate_config", "model_config", "create_state",
-           "train_and_evaluate", "evaluate", "restore_params"]
+           "train_and_evaluate", "evaluate", "restore_params", "restore_run"]
 
 _POSITIVE = ("num_steps", "batch_size", "seq_len", "warmup_steps", "log_every", "eval_every",
              "eval_batches", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
@@ -217,6 +217,16 @@ def restore_params(workdir: str, config, cfg, mesh: Mesh):
   state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   manager.close()
   return state["params"], step
+
+
+def restore_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """(config, params, step) of the training run in ``workdir``: its ``config.json`` and the
+  params of its latest checkpoint (on a ``data`` mesh of all local devices)."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  params, step = restore_params(workdir, config, model_config(config), mesh)
+  return config, params, step
 
 
 class _Stop:

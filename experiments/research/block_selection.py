@@ -17,30 +17,27 @@ layer the head with the most exact attention mass on the needle; in the top caus
 Printed and written: for each rule and block size, how often the needle's block ranks within
 the top 1 / 2 / 4 / 8 / 16 blocks.
 
-  python experiments/research/block_selection.py --workdir=/tmp/lm --out=/tmp/selection.json
+  python -m experiments.research.block_selection --workdir=/tmp/lm --out=/tmp/selection.json
 """
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-
-from experiments import provenance  # noqa: E402
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import retrieval  # noqa: E402
-from experiments.lm import train as train_lib  # noqa: E402
-from experiments.lm.retrieval_diagnostics import _layer_qkv  # noqa: E402
-from hyperattn_jax import HyperAttentionConfig  # noqa: E402
-from hyperattn_jax.reference import lsh_blocks  # noqa: E402
+from experiments import provenance
+from experiments.lm import data as data_lib
+from experiments.lm import retrieval
+from experiments.lm import train as train_lib
+from experiments.lm.retrieval_diagnostics import _layer_qkv
+from hyperattn_jax import HyperAttentionConfig
+from hyperattn_jax.reference import lsh_blocks
 
 flags.DEFINE_string("workdir", None, "Training run workdir.", required=True)
 flags.DEFINE_integer("length", 8192, "Window length.")

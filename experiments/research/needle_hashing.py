@@ -8,31 +8,24 @@ row's sorted block in the top causal quadrant, for transforms of (q, k) before h
 keys centred; queries and keys centred; the MIPS-to-angular transform of Neyshabur & Srebro)
 and for LSH settings (bits, block size). Random placement gives ``block_size / (length / 2)``.
 
-  python experiments/research/needle_hashing.py --workdir=/tmp/lm --out=/tmp/hashing.json
+  python -m experiments.research.needle_hashing --workdir=/tmp/lm --out=/tmp/hashing.json
 """
 
 import dataclasses
-import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-
-from experiments import provenance  # noqa: E402
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import retrieval  # noqa: E402
-from experiments.lm import train as train_lib  # noqa: E402
-from experiments.lm.retrieval_diagnostics import _layer_qkv  # noqa: E402
-from hyperattn_jax import HyperAttentionConfig  # noqa: E402
-from hyperattn_jax.reference import lsh_blocks  # noqa: E402
+from experiments import provenance
+from experiments.lm import data as data_lib
+from experiments.lm import retrieval
+from experiments.lm import train as train_lib
+from experiments.lm.retrieval_diagnostics import _layer_qkv
+from hyperattn_jax import HyperAttentionConfig
+from hyperattn_jax.reference import lsh_blocks
 
 flags.DEFINE_string("workdir", None, "Training run workdir.", required=True)
 flags.DEFINE_integer("length", 8192, "Window length.")
@@ -63,11 +56,7 @@ TRANSFORMS = {
 
 def main(argv):
   del argv
-  with open(os.path.join(FLAGS.workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, _ = train_lib.restore_params(FLAGS.workdir, config, train_lib.model_config(config),
-                                       mesh)
+  config, params, _ = train_lib.restore_run(FLAGS.workdir)
   valid = data_lib.load_corpus(config.data.path, config.data.valid_fraction).valid
   cfg = train_lib.model_config(config, attention="exact", dtype=jnp.float32)
   base = HyperAttentionConfig(**config.hyper)

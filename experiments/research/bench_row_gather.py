@@ -10,34 +10,32 @@ permutation (one call's q at 131k, 32 heads, folded) and writes them out contigu
   * ``xla_take``: XLA's gather (what sorted copies cost).
 GPU only (Mosaic GPU); the result is checked against ``jnp.take``.
 
-  python3 experiments/bench_row_gather.py --out=$OUT/gather.json   # + gather.png
+  python3 -m experiments.research.bench_row_gather --out=$OUT/gather.json   # + gather.png
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-
-from experiments import timing  # noqa: E402
-from experiments import provenance  # noqa: E402
+from experiments import provenance
+from experiments import timing
+from experiments.benchmarks import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "gather.json", "Output JSON.")
 flags.DEFINE_integer("rows", 131072 * 32, "Rows to gather (sequence length x heads).")
 flags.DEFINE_integer("head_dim", 64, "Row length.")
 flags.DEFINE_integer("rows_per_program", 64, "Rows per program (one shared-memory tile).")
-flags.DEFINE_integer("reps", 20, "Timed repetitions.")
+common.define_timing_flags(reps=20, warmup=2)
+flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
 def copy_rows(x, idx, *, rows_per_program: int, per_row: bool):
@@ -73,9 +71,7 @@ def copy_rows(x, idx, *, rows_per_program: int, per_row: bool):
 
 def plot(records, path):
   """Bars of the achieved bandwidth per variant (``path``: the PNG)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = common.pyplot()
   done = [r for r in records if "tb_per_s" in r]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   ax.bar([r["impl"] for r in done], [r["tb_per_s"] for r in done])
@@ -104,11 +100,11 @@ def main(argv):
     rec = {"impl": name}
     try:
       rec["matches_take"] = bool(jnp.array_equal(fn(x, idx), jnp.take(x, idx, axis=0)))
-      rec["median_ms"] = timing.synchronised_ms(fn, x, idx, reps=FLAGS.reps, warmup=2)[0]
+      rec["median_ms"] = common.synchronised_ms(fn, x, idx)[0]
       rec["pipelined_ms"] = timing.pipelined_ms(fn, x, idx, reps=FLAGS.reps)
       rec["tb_per_s"] = nbytes / rec["pipelined_ms"] / 1e9
     except Exception as e:  # pylint: disable=broad-except
-      rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+      rec["error"] = common.error_text(e, 400)
     records.append(rec)
     print(json.dumps(rec), flush=True)
   meta = provenance.run_meta(shape=[FLAGS.rows, FLAGS.head_dim], dtype="bfloat16",

@@ -3,7 +3,7 @@
 One run times every (n, causal, mode, implementation) combination in the same process, so the
 numbers compare like with like, and writes one JSON file (plus a log on stdout):
 
-  python experiments/bench_attention.py --out=experiments/results/bench.json \
+  python -m experiments.benchmarks.bench_attention --out=experiments/results/bench.json \
       --ns=4096,16384,32768,65536,131072 --impls=hyper_xla,exact_xla,cudnn --modes=fwd,fwdbwd
 
 Timing: ``jax.jit``, warm-up calls, then the median of ``--reps`` calls each ended by
@@ -13,9 +13,9 @@ back with one synchronisation (the device time of a call inside a larger program
 random normal, bf16, [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds
 per-stage timings of HyperAttention, forward and backward (hash, sort+samples, blocked stage;
 base case, each causal level and its merge; the Pallas blocked kernels reading rows by index vs.
-on sorted copies); plot them with experiments/plot_breakdown.py.
+on sorted copies); plot them with experiments/benchmarks/plot_breakdown.py.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
-Plot with experiments/plot_bench.py.
+Plot with experiments/benchmarks/plot_bench.py.
 """
 
 from __future__ import annotations
@@ -23,31 +23,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention  # noqa: E402
-from hyperattn_jax import blocked as blocked_lib  # noqa: E402
-from hyperattn_jax import cudnn as cudnn_lib  # noqa: E402
-from hyperattn_jax import exact as exact_lib  # noqa: E402
-from hyperattn_jax import hyper as hyper_lib  # noqa: E402
-from hyperattn_jax import lsh  # noqa: E402
-from hyperattn_jax import merge as merge_lib  # noqa: E402
-from hyperattn_jax.blocked import RowWindow  # noqa: E402
-from hyperattn_jax.folding import embed_rows  # noqa: E402
-from hyperattn_jax.sharding import head_sharded_hyper_attention  # noqa: E402
-from experiments import timing  # noqa: E402
-from experiments import provenance  # noqa: E402
-import pallas_kernels  # noqa: E402
+from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import blocked as blocked_lib
+from hyperattn_jax import cudnn as cudnn_lib
+from hyperattn_jax import exact as exact_lib
+from hyperattn_jax import hyper as hyper_lib
+from hyperattn_jax import lsh
+from hyperattn_jax import merge as merge_lib
+from hyperattn_jax.blocked import RowWindow
+from hyperattn_jax.folding import embed_rows
+from hyperattn_jax.sharding import head_sharded_hyper_attention
+from experiments import provenance
+from experiments import timing
+from experiments.benchmarks import common
+import pallas_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
@@ -58,16 +54,10 @@ flags.DEFINE_list("impls", ["hyper_pallas", "hyper_xla", "exact_xla", "cudnn"],
 flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd.")
 flags.DEFINE_list("causal", ["true", "false"], "Causal settings to run.")
 flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("heads", 32, "Query heads.")
-flags.DEFINE_integer("kv_heads", 32, "Key/value heads.")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
-flags.DEFINE_integer("block_size", 256, "HyperAttention block size.")
-flags.DEFINE_integer("sample_size", 256, "HyperAttention samples.")
-flags.DEFINE_integer("lsh_num_projs", 7, "LSH hyperplanes.")
-flags.DEFINE_integer("min_seq_len", 4096, "Exact base case length.")
-flags.DEFINE_integer("reps", 20, "Timed repetitions (median).")
-flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+common.define_shape_flags()
+common.define_dtype_flag()
+common.define_hyper_flags()
+common.define_timing_flags(reps=20, warmup=3)
 flags.DEFINE_integer("max_exact_n", 65536, "Skip exact_xla above this n (quadratic time).")
 flags.DEFINE_float("time_cap_s", 2.0,
                    "Skip a variant's larger n once its median call time (s) exceeds this.")
@@ -76,10 +66,7 @@ flags.DEFINE_list("breakdown_ns", [], "Lengths to break down (default: every n >
 flags.DEFINE_bool("breakdown_kernel_variants", True,
                   "In the breakdown, also time the Pallas blocked kernels reading rows by index "
                   "against the same kernels on sorted copies.")
-
-
-def _median_ms(fn, *args):
-  return timing.synchronised_ms(fn, *args, reps=FLAGS.reps, warmup=FLAGS.warmup)
+flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
 def _memory_bytes(fn, *args):
@@ -109,16 +96,6 @@ def _attention_fn(impl: str, causal: bool, config: HyperAttentionConfig, rng):
   raise ValueError(f"unknown implementation {impl!r}")
 
 
-def _make(fn, mode: str):
-  if mode == "fwd":
-    return jax.jit(fn)
-
-  def fwdbwd(q, k, v, d_out):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(d_out)
-  return jax.jit(fwdbwd)
-
-
 def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
   """Model FLOPs: exact = 4 n^2 d h (half when causal); hyper as in ../shared/README.md."""
   d, h, b = FLAGS.head_dim, FLAGS.heads, FLAGS.batch
@@ -139,7 +116,7 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
   """Median forward ms of ``jit(fn)``, and backward ms (forward+backward minus forward) w.r.t.
   the first ``n_diff`` args with fixed random cotangents (0 args: forward only)."""
   fwd = jax.jit(fn)
-  result = {"fwd_ms": _median_ms(fwd, *args)[0]}
+  result = {"fwd_ms": common.synchronised_ms(fwd, *args)[0]}
   if n_diff:
     out = fwd(*args)
     leaves, tree = jax.tree.flatten(out)
@@ -150,7 +127,7 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
     def fwdbwd(cot, *a):
       _, vjp = jax.vjp(lambda *d: fn(*d, *a[n_diff:]), *a[:n_diff])
       return vjp(cot)
-    total = _median_ms(jax.jit(fwdbwd), cot, *args)[0]
+    total = common.synchronised_ms(jax.jit(fwdbwd), cot, *args)[0]
     result["bwd_ms"] = max(total - result["fwd_ms"], 0.0)
   return result
 
@@ -210,13 +187,13 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
         res[name] = {}
         try:
           out, lse = fwd(*args)
-          res[name]["fwd_ms"] = _median_ms(fwd, *args)[0]
+          res[name]["fwd_ms"] = common.synchronised_ms(fwd, *args)[0]
           in_q_rows = lambda x, axis: embed_rows(x, window.q_offset, qq.shape[1], axis)
           stats = (in_q_rows(out, 1), in_q_rows(lse, 2),  # d_out = out, no d_lse
                    in_q_rows(merge_lib.output_delta(out, out), 2))
-          res[name]["bwd_ms"] = _median_ms(bwd, *args, *stats)[0]
+          res[name]["bwd_ms"] = common.synchronised_ms(bwd, *args, *stats)[0]
         except Exception as e:  # pylint: disable=broad-except
-          res[name]["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+          res[name]["error"] = common.error_text(e, 300)
     return res
 
   if not causal:
@@ -254,8 +231,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
 
 def main(argv):
   del argv
-  config = HyperAttentionConfig(block_size=FLAGS.block_size, sample_size=FLAGS.sample_size,
-                                lsh_num_projs=FLAGS.lsh_num_projs, min_seq_len=FLAGS.min_seq_len)
+  config = common.hyper_config()
   dtype = jnp.dtype(FLAGS.dtype)
   rng = jax.random.key(0)
   meta = provenance.run_meta(
@@ -268,14 +244,9 @@ def main(argv):
   print(f"{'n':>8} {'causal':>6} {'mode':>6} {'impl':>13} {'median_ms':>10} {'pipelined':>9} "
         f"{'TFLOP/s':>8} {'mem_GB':>7}", flush=True)
   for n in map(int, FLAGS.ns):
-    key = jax.random.fold_in(rng, n)
-    kq, kk, kv, kd = jax.random.split(key, 4)
-    shape_q = (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim)
-    shape_kv = (FLAGS.batch, n, FLAGS.kv_heads, FLAGS.head_dim)
-    q = jax.random.normal(kq, shape_q, jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, shape_kv, jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, shape_kv, jnp.float32).astype(dtype)
-    d_out = jax.random.normal(kd, shape_q, jnp.float32).astype(dtype)
+    q, k, v, d_out = common.random_inputs(
+        jax.random.fold_in(rng, n), (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim),
+        (FLAGS.batch, n, FLAGS.kv_heads, FLAGS.head_dim), dtype)
     for causal in (c == "true" for c in FLAGS.causal):
       for mode in FLAGS.modes:
         for impl in FLAGS.impls:
@@ -287,12 +258,12 @@ def main(argv):
             rec["skipped"] = f"a shorter n already exceeded time_cap_s={FLAGS.time_cap_s}"
           else:
             try:
-              fn = _make(_attention_fn(impl, causal, config, rng), mode)
-              args = (q, k, v) if mode == "fwd" else (q, k, v, d_out)
+              fn, args = common.jitted_pass(_attention_fn(impl, causal, config, rng), mode,
+                                            q, k, v, d_out, with_output=True)
               t0 = time.perf_counter()
               jax.block_until_ready(fn(*args))
               first = time.perf_counter() - t0
-              med, lo, hi = _median_ms(fn, *args)
+              med, lo, hi = common.synchronised_ms(fn, *args)
               pipelined = timing.pipelined_ms(fn, *args, reps=FLAGS.reps)
               if med / 1e3 > FLAGS.time_cap_s:
                 capped.add(tag)
@@ -301,7 +272,7 @@ def main(argv):
                          first_call_s=first,
                          model_tflops=flops / med / 1e9, memory_bytes=_memory_bytes(fn, *args))
             except Exception as e:  # pylint: disable=broad-except
-              rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+              rec["error"] = common.error_text(e, 300)
           records.append(rec)
           if "median_ms" in rec:
             mem = rec["memory_bytes"]
@@ -319,7 +290,7 @@ def main(argv):
           try:
             bd = _stage_breakdown(n, causal, config, q, k, v, rng, impl.removeprefix("hyper_"))
           except Exception as e:  # pylint: disable=broad-except
-            bd = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            bd = {"error": common.error_text(e, 300)}
           records.append({"n": n, "causal": causal, "impl": impl, "breakdown": bd})
           print(f"breakdown n={n} causal={causal} {impl}: {json.dumps(bd)}", flush=True)
     provenance.write_results(FLAGS.out, meta, records=records)

@@ -1,6 +1,6 @@
 """Stacked bars of HyperAttention's per-stage forward and backward times (bench --breakdown).
 
-  python experiments/plot_breakdown.py experiments/results/X.json   # writes X-breakdown.png
+  python -m experiments.benchmarks.plot_breakdown experiments/results/X.json  # X-breakdown.png
 
 Causal levels are summed per stage; one pair of bars (forward, backward) per (n, causal, impl).
 """
@@ -9,10 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+from experiments.benchmarks import common
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
+plt = common.pyplot()
 
 # Records before 2026-11-25 (sorted copies) have sort_gather/unsort; later ones sort_samples.
 STAGES = ("hash", "sort_gather", "sort_samples", "blocked", "unsort", "merge", "base_case")

@@ -9,7 +9,7 @@ steps at 32k left associative recall at 56%, see HISTORY); RoPE base 5e5 so that
 slowest rotary frequencies barely turn over 131k tokens and can match content at any distance.
 """
 
-from experiments.configs import base
+from experiments.lm.configs import base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Log-log plot of a bench_attention.py JSON: median time vs n, one panel per (causal, mode).
 
-  python experiments/plot_bench.py experiments/results/X.json   # writes X.png beside it
+  python -m experiments.benchmarks.plot_bench experiments/results/X.json   # writes X.png beside it
 Also prints a markdown table of the medians (ms) for the README.
 """
 
@@ -11,10 +11,9 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
+from experiments.benchmarks import common
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+plt = common.pyplot()
 
 
 def load(path):

@@ -1,4 +1,4 @@
-"""Defaults shared by every training config (``experiments/train_lm.py --config=...``)."""
+"""Defaults shared by every training config (``python -m experiments.lm.main --config=...``)."""
 
 import ml_collections
 from ml_collections import config_dict

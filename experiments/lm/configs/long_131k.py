@@ -1,10 +1,6 @@
 """One H100: the long_32k model at 131k context (paper settings of HyperAttention)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import long_32k  # noqa: E402  pylint: disable=wrong-import-position
+from experiments.lm.configs import long_32k
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Loss curves and throughput of training runs from their ``metrics.jsonl`` files.
 
-  python experiments/plot_training.py --out=experiments/results/X.png \
+  python -m experiments.lm.plot_training --out=experiments/results/X.png \
       exact=path/metrics_exact.jsonl hyper=path/metrics_hyper.jsonl
 
 Writes the PNG (train/validation loss vs step, tokens/s) and a JSON summary beside it.

@@ -11,55 +11,44 @@ checks the result against the XLA reference (the XLA blocked stage / chunked exa
 and their autodiff for the backward) and records the median time; cuDNN on the base-case shape
 is timed in the same run for comparison:
 
-  python experiments/tune_kernels.py --out=$OUT/tune.json --n=131072 --phase=bwd
+  python -m experiments.benchmarks.tune_kernels --out=$OUT/tune.json --n=131072 --phase=bwd
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hyperattn_jax import blocked as blocked_lib  # noqa: E402
-from hyperattn_jax import exact as exact_lib  # noqa: E402
-from hyperattn_jax import lsh  # noqa: E402
-from hyperattn_jax import merge as merge_lib  # noqa: E402
-from experiments import timing  # noqa: E402
-from experiments import provenance  # noqa: E402
-import pallas_kernels  # noqa: E402
+from hyperattn_jax import blocked as blocked_lib
+from hyperattn_jax import exact as exact_lib
+from hyperattn_jax import lsh
+from hyperattn_jax import merge as merge_lib
+from experiments import provenance
+from experiments.benchmarks import common
+import pallas_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
 flags.DEFINE_integer("n", 131072, "Sequence length of the non-causal blocked call.")
-flags.DEFINE_integer("heads", 32, "Heads.")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-flags.DEFINE_integer("block_size", 256, "HyperAttention block size.")
-flags.DEFINE_integer("sample_size", 256, "Samples.")
-flags.DEFINE_integer("min_seq_len", 4096, "Base-case block length.")
+common.define_shape_flags(kv_heads=False)
+common.define_hyper_flags("block_size", "sample_size", "min_seq_len")
 flags.DEFINE_list("block_q", ["64", "128"], "Query tiles.")
 flags.DEFINE_list("block_k", ["32", "64", "128"], "Key tiles.")
 flags.DEFINE_list("num_warps", ["4", "8"], "Warps.")
 flags.DEFINE_list("num_stages", ["2", "3"], "Pipeline stages.")
-flags.DEFINE_integer("reps", 10, "Timed repetitions (median).")
+common.define_timing_flags(reps=10)
 flags.DEFINE_enum("phase", "fwd", ["fwd", "bwd"], "Forward or backward kernels.")
 flags.DEFINE_list("sample_groups", ["8"],
                   "Backward blocked kernel: float32 partials of the sample gradients.")
 flags.DEFINE_list("kernels", [], "Only these cases (blocked, base_case, blocked_bwd, "
                   "base_case_bwd); default: both of the phase.")
 flags.DEFINE_float("max_err", 5e-2, "Largest abs error vs XLA for a tiling to count as best.")
-
-
-def _median_ms(fn, *args):
-  return timing.synchronised_ms(fn, *args, reps=FLAGS.reps)[0]
+flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
 def _max_err(out, ref):
@@ -147,11 +136,11 @@ def main(argv):
     cudnn = jax.jit(lambda q, k, v: jax.vjp(fwd, q, k, v)[1](q))
   records = [{"kernel": "cudnn_base_case", "phase": FLAGS.phase}]
   try:
-    records[0]["median_ms"] = _median_ms(cudnn, q, k, v)
+    records[0]["median_ms"] = common.synchronised_ms(cudnn, q, k, v)[0]
     if FLAGS.phase == "bwd":
       records[0]["note"] = "forward + backward (cuDNN's backward needs its own forward)"
   except Exception as e:  # pylint: disable=broad-except  (no cuDNN off the GPU)
-    records[0]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    records[0]["error"] = common.error_text(e, 200)
   print(records[-1], flush=True)
   combos = itertools.product(*(map(int, x) for x in (FLAGS.block_q, FLAGS.block_k,
                                                      FLAGS.num_warps, FLAGS.num_stages,
@@ -168,9 +157,9 @@ def main(argv):
         got = jax.tree.leaves(jfn(*args))
         rec["max_abs_err_vs_xla"] = max(_max_err(a, b) for a, b in zip(got, jax.tree.leaves(
             refs[name])))
-        rec["median_ms"] = _median_ms(jfn, *args)
+        rec["median_ms"] = common.synchronised_ms(jfn, *args)[0]
       except Exception as e:  # pylint: disable=broad-except
-        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rec["error"] = common.error_text(e, 200)
       records.append(rec)
       print(rec, flush=True)
   best = {}

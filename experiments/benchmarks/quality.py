@@ -1,7 +1,7 @@
 """Quality study: HyperAttention's error and the paper's hardness parameters on real attention.
 
 Sources of q/k/v (``--source``):
-  * ``checkpoint``: every layer of a model trained by ``experiments/train_lm.py`` (``--workdir``),
+  * ``checkpoint``: every layer of a model trained by ``experiments/lm/main.py`` (``--workdir``),
     run with exact attention on a validation window of ``--seq_len`` bytes (the q/k/v the
     layers sow after RoPE);
   * ``planted``: Gaussian keys, each query a scaled copy of one random key plus noise (one
@@ -14,29 +14,25 @@ an error-vs-cost curve (cost = keys per query = block + samples) and per-layer/h
 ``HyperAttentionConfig``) to the grid, compared at equal keys per query in
 ``estimators_vs_cost.png`` (``approx_d`` also pays one more blocked pass and rows x n scores):
 
-  python experiments/quality.py --source=checkpoint --workdir=/tmp/lm --seq_len=8192 --out_dir=DIR
+  python -m experiments.benchmarks.quality --source=checkpoint --workdir=/tmp/lm --seq_len=8192 \
+      --out_dir=DIR
 """
 
 import itertools
-import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
+from experiments import provenance
+from experiments.benchmarks import common
+from hyperattn_jax import HyperAttentionConfig
+from hyperattn_jax.diagnostics import attention_diagnostics
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402
-
-from hyperattn_jax import HyperAttentionConfig  # noqa: E402
-from hyperattn_jax.diagnostics import attention_diagnostics  # noqa: E402
-from experiments import provenance  # noqa: E402
+plt = common.pyplot()
 
 flags.DEFINE_enum("source", "random", ["random", "planted", "checkpoint"], "Where q/k/v come from.")
 flags.DEFINE_string("workdir", None, "Training workdir (source=checkpoint).")
@@ -72,15 +68,10 @@ def synthetic_layers(kind: str, n: int, heads: int, head_dim: int, seed: int):
 
 def checkpoint_layers(workdir: str, seq_len: int):
   """``{"layer_i": (q, k, v)}`` of a trained model on its first validation window."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
   from experiments.lm import data as data_lib  # pylint: disable=import-outside-toplevel
   from experiments.lm import model as model_lib  # pylint: disable=import-outside-toplevel
   from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, _ = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  config, params, _ = train_lib.restore_run(workdir)
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   tokens = next(data_lib.eval_batches(corpus.valid, 1, seq_len, 1))[:, :-1]
   model = model_lib.Transformer(train_lib.model_config(config, attention="exact"))
@@ -175,9 +166,8 @@ def main(argv):
                                                         FLAGS.lsh_num_projs))))
   rows = study(layers, grid, FLAGS.seed, FLAGS.chunk_size, FLAGS.estimators,
                FLAGS.approx_d_kappa)
-  meta = provenance.run_meta()
-  with open(os.path.join(FLAGS.out_dir, "quality.json"), "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  provenance.write_results(os.path.join(FLAGS.out_dir, "quality.json"), provenance.run_meta(),
+                           rows=rows)
   plot(rows, FLAGS.out_dir)
   print(f"wrote {FLAGS.out_dir}")
 

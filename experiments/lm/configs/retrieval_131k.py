@@ -2,7 +2,7 @@
 ``retrieval_32k`` workdir can be continued with this config), then 100 steps at 131k at the
 final learning rate."""
 
-from experiments.configs import retrieval_32k
+from experiments.lm.configs import retrieval_32k
 
 
 def get_config():

@@ -1,32 +1,27 @@
 """Generate text with a trained LM checkpoint: prefill the prompt (each layer's attention mode,
 HyperAttention where configured), then decode with a KV cache.
 
-  python experiments/generate.py --workdir=/tmp/lm --prompt_file=prompt.txt --max_new_tokens=200
-  python experiments/generate.py --workdir=/tmp/lm --prompt_file=long.py --temperature=0.8 \
-      --top_k=40 --seed=1 --hyper_last_layers=1
+  python -m experiments.lm.generate_text --workdir=/tmp/lm --prompt_file=prompt.txt \
+      --max_new_tokens=200
+  python -m experiments.lm.generate_text --workdir=/tmp/lm --prompt_file=long.py \
+      --temperature=0.8 --top_k=40 --seed=1 --hyper_last_layers=1
 
 Tokens are bytes (as in training); generation stops at EOS (the end of a document) or after
 --max_new_tokens. The text goes to stdout, the timings (time to first token, decode tokens/s) to
 stderr; --out also writes them and the tokens as JSON.
 """
 
-import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-
-from experiments import provenance  # noqa: E402
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import generate as generate_lib  # noqa: E402
-from experiments.lm import train as train_lib  # noqa: E402
+from experiments import provenance
+from experiments.lm import data as data_lib
+from experiments.lm import generate as generate_lib
+from experiments.lm import train as train_lib
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
                     required=True)
@@ -57,13 +52,10 @@ def run(workdir, prompt_file, max_new_tokens, temperature=0.0, top_k=0, seed=0, 
   """(text, :class:`generate_lib.Generation`, prompt length) of the checkpoint in ``workdir``."""
   if seq_len is not None and seq_len <= max_new_tokens:
     raise ValueError(f"--seq_len ({seq_len}) must exceed --max_new_tokens ({max_new_tokens})")
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config, params, _ = train_lib.restore_run(workdir)
   overrides = ({} if hyper_last_layers is None else
                {"attention": "hyper", "hyper_last_layers": hyper_last_layers})
   cfg = train_lib.model_config(config, **overrides)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params, _ = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
   prompt = read_prompt(prompt_file, None if seq_len is None else seq_len - max_new_tokens)
   result = generate_lib.generate(params, cfg, prompt, max_new_tokens, rng=jax.random.key(seed),
                                  temperature=temperature, top_k=top_k, max_len=seq_len,

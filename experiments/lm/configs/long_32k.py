@@ -1,10 +1,6 @@
 """One H100: a small model at 32k context (paper settings of HyperAttention)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402  pylint: disable=wrong-import-position
+from experiments.lm.configs import base
 
 
 def get_config():

@@ -1,9 +1,9 @@
 """Train a decoder-only byte-level LM with exact or HyperAttention.
 
-  python experiments/train_lm.py --config=experiments/configs/tiny.py --workdir=/tmp/lm
-  python experiments/train_lm.py --config=experiments/configs/long_32k.py \
+  python -m experiments.lm.main --config=experiments/lm/configs/tiny.py --workdir=/tmp/lm
+  python -m experiments.lm.main --config=experiments/lm/configs/long_32k.py \
       --config.attention=hyper --workdir=/tmp/lm32k
-  python experiments/train_lm.py --config=experiments/configs/tiny.py --workdir=/tmp/lm2 \
+  python -m experiments.lm.main --config=experiments/lm/configs/tiny.py --workdir=/tmp/lm2 \
       --config.data.path=/some/texts --config.num_steps=200
 
 Restarting with the same --workdir resumes from the latest checkpoint. Logging is quiet by
@@ -11,17 +11,12 @@ default (warnings and errors only); absl's --verbosity=0 shows the INFO lines of
 (every checkpoint step), --verbosity=1 debug lines too.
 """
 
-import os
-import sys
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from experiments.lm.train import train_and_evaluate  # noqa: E402
+from experiments.lm.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard events.",

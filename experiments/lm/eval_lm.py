@@ -1,30 +1,25 @@
 """The paper's patching experiment: a trained checkpoint with its last L layers switched to
 HyperAttention, L = 0 ... num_layers; validation perplexity and prefill time per L.
 
-  python experiments/eval_lm.py --workdir=/tmp/lm --patch_last_layers=4 --seq_len=32768
+  python -m experiments.lm.eval_lm --workdir=/tmp/lm --patch_last_layers=4 --seq_len=32768
 
 Without --patch_last_layers every L is evaluated. Works on exact- and hyper-trained checkpoints
 (the parameters do not depend on the attention mode). Prints a table and writes JSON.
 """
 
-import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import model as model_lib  # noqa: E402
-from experiments.lm import train as train_lib  # noqa: E402
-from experiments import provenance  # noqa: E402
-from experiments import timing  # noqa: E402
+from experiments.lm import data as data_lib
+from experiments.lm import model as model_lib
+from experiments.lm import train as train_lib
+from experiments import provenance
+from experiments import timing
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
                     required=True)
@@ -44,13 +39,10 @@ def _prefill_ms(params, model, tokens, reps: int) -> float:
 def run(workdir: str, patch_last_layers=None, seq_len=None, eval_batches=None,
         timing_reps: int = 3) -> list[dict]:
   """Rows ``{"patched_layers", "loss", "bits_per_byte", "perplexity", "prefill_ms"}``."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config, params, step = train_lib.restore_run(workdir)
   config.seq_len = seq_len or config.seq_len
   config.eval_batches = eval_batches or config.eval_batches
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  batch_sharding = NamedSharding(mesh, P("data"))
-  params, step = train_lib.restore_params(workdir, config, train_lib.model_config(config), mesh)
+  batch_sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   num_layers = config.model.num_layers
   layers = range(num_layers + 1) if patch_last_layers is None else [patch_last_layers]
@@ -75,9 +67,7 @@ def main(argv):
   rows = run(FLAGS.workdir, FLAGS.patch_last_layers, FLAGS.seq_len, FLAGS.eval_batches,
              FLAGS.timing_reps)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_patching.json")
-  meta = provenance.run_meta()
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  provenance.write_results(out, provenance.run_meta(), rows=rows)
   print(f"{'L':>3} {'loss':>8} {'ppl':>8} {'prefill_ms':>11}")
   for r in rows:
     print(f"{r['patched_layers']:>3} {r['loss']:>8.4f} {r['perplexity']:>8.3f} "

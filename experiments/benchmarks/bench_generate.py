@@ -5,11 +5,11 @@ a GPU for bf16) and the same parameters with HyperAttention in all layers but th
 (``attention="hyper", hyper_last_layers=num_layers-1``); decoding is exact over the KV cache in
 both. Writes one JSON (``meta`` from ``provenance.py``, one row per (prompt length, attention)).
 
-  python experiments/bench_generate.py --out=experiments/results/gen.json        # random model
-  python experiments/bench_generate.py --workdir=/tmp/lm32k --out=gen.json        # a checkpoint
-  python experiments/bench_generate.py --prompt_lens=256,512 --max_new_tokens=4 --num_layers=2 \
-      --d_model=64 --mlp_dim=128 --min_seq_len=128 --block_size=64 --sample_size=64 \
-      --dtype=float32 --reps=1 --out=/tmp/gen.json                                 # CPU smoke
+  python -m experiments.benchmarks.bench_generate --out=experiments/results/gen.json  # random model
+  python -m experiments.benchmarks.bench_generate --workdir=/tmp/lm32k --out=gen.json  # checkpoint
+  python -m experiments.benchmarks.bench_generate --prompt_lens=256,512 --max_new_tokens=4 \
+      --num_layers=2 --d_model=64 --mlp_dim=128 --min_seq_len=128 --block_size=64 \
+      --sample_size=64 --dtype=float32 --reps=1 --out=/tmp/gen.json              # CPU smoke
 
 Prompts are random bytes (no EOS: every run decodes --max_new_tokens tokens, greedy). Timings
 exclude compilation (reported apart): time to first token = prefill + first sample, the median
@@ -20,23 +20,19 @@ of --reps runs after one untimed warm-up run; decode tokens/s = the median over 
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import provenance  # noqa: E402
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import generate as generate_lib  # noqa: E402
-from experiments.lm import model as model_lib  # noqa: E402
-from hyperattn_jax import HyperAttentionConfig  # noqa: E402
+from experiments import provenance
+from experiments.benchmarks import common
+from experiments.lm import data as data_lib
+from experiments.lm import generate as generate_lib
+from experiments.lm import model as model_lib
 
 flags.DEFINE_string("out", None, "JSON path.", required=True)
 flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints); "
@@ -45,18 +41,16 @@ flags.DEFINE_list("prompt_lens", ["32768", "65536", "131072"], "Prompt lengths."
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens decoded per run.")
 flags.DEFINE_integer("reps", 3, "Runs per (prompt length, attention).")
 flags.DEFINE_integer("seed", 0, "Seed of the prompts, the random params and the draws.")
-# The random model (default: experiments/configs/long_32k.py's); unused with --workdir.
+# The random model (default: experiments/lm/configs/long_32k.py's); unused with --workdir.
 flags.DEFINE_integer("num_layers", 4, "Layers.")
 flags.DEFINE_integer("d_model", 512, "Model width.")
 flags.DEFINE_integer("num_heads", 8, "Query heads.")
 flags.DEFINE_integer("num_kv_heads", 4, "Key/value heads.")
 flags.DEFINE_integer("head_dim", 64, "Head width.")
 flags.DEFINE_integer("mlp_dim", 1536, "SwiGLU width.")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Compute dtype.")
-flags.DEFINE_integer("block_size", 256, "HyperAttentionConfig.block_size.")
-flags.DEFINE_integer("sample_size", 256, "HyperAttentionConfig.sample_size.")
-flags.DEFINE_integer("lsh_num_projs", 7, "HyperAttentionConfig.lsh_num_projs.")
-flags.DEFINE_integer("min_seq_len", 4096, "HyperAttentionConfig.min_seq_len.")
+common.define_dtype_flag("Compute dtype.")
+common.define_hyper_flags()
+flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 FLAGS = flags.FLAGS
 
 
@@ -64,24 +58,16 @@ def _random_model() -> tuple[dict, model_lib.TransformerConfig]:
   cfg = model_lib.TransformerConfig(
       vocab_size=data_lib.VOCAB_SIZE, num_layers=FLAGS.num_layers, d_model=FLAGS.d_model,
       num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads, head_dim=FLAGS.head_dim,
-      mlp_dim=FLAGS.mlp_dim, dtype=jnp.dtype(FLAGS.dtype),
-      hyper=HyperAttentionConfig(block_size=FLAGS.block_size, sample_size=FLAGS.sample_size,
-                                 lsh_num_projs=FLAGS.lsh_num_projs,
-                                 min_seq_len=FLAGS.min_seq_len))
+      mlp_dim=FLAGS.mlp_dim, dtype=jnp.dtype(FLAGS.dtype), hyper=common.hyper_config())
   init = jax.jit(model_lib.Transformer(cfg).init)
   return init(jax.random.key(FLAGS.seed), jnp.zeros((1, 8), jnp.int32))["params"], cfg
 
 
 def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
   # Imported here: the training code needs ml_collections and orbax, the random model does not.
-  import json  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  cfg = train_lib.model_config(config)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  return train_lib.restore_params(workdir, config, cfg, mesh)[0], cfg
+  config, params, _ = train_lib.restore_run(workdir)
+  return params, train_lib.model_config(config)
 
 
 def bench(params, cfg: model_lib.TransformerConfig, prompt_lens, max_new_tokens: int,

@@ -1,12 +1,8 @@
 """CPU-sized run (2 cores, < 2 minutes): 2 layers, seq 512, HyperAttention exercised (seq >
-min_seq_len). ``python experiments/train_lm.py --config=experiments/configs/tiny.py
+min_seq_len). ``python -m experiments.lm.main --config=experiments/lm/configs/tiny.py
 --workdir=/tmp/lm``"""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402  pylint: disable=wrong-import-position
+from experiments.lm.configs import base
 
 
 def get_config():

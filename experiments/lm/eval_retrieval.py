@@ -1,6 +1,6 @@
 """Needle-in-a-haystack evaluation of a trained checkpoint: exact vs HyperAttention modes.
 
-  python experiments/eval_retrieval.py --workdir=/tmp/lm --lengths=4096,8192,16384,32768 \
+  python -m experiments.lm.eval_retrieval --workdir=/tmp/lm --lengths=4096,8192,16384,32768 \
       --modes=exact,hyper:1,hyper:-1 --variants='{"wide": {"block_size": 512}}' \
       --out=/tmp/retrieval.json
 
@@ -12,15 +12,12 @@ Writes JSON (``--out``) and a heatmap PNG beside it.
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-
-from experiments import provenance  # noqa: E402
-from experiments.lm import retrieval_eval  # noqa: E402
+from experiments import provenance
+from experiments.lm import retrieval_eval
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
                     required=True)

@@ -11,7 +11,7 @@ keys. It compares:
   * cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``).
 It bounds what porting the blocked kernels to another backend could gain. GPU only.
 
-  python3 experiments/bench_backends.py --out=$OUT/backends.json   # + backends.png
+  python3 -m experiments.research.bench_backends --out=$OUT/backends.json   # + backends.png
 
 The queries are drawn pre-scaled by head_dim**-0.5 and every variant runs at scale 1. Each
 variant's output is checked against cuDNN's (max abs error in the JSON). Times are the
@@ -21,32 +21,28 @@ median of synchronised calls and the pipelined device time per call, as in bench
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import timing  # noqa: E402
-from experiments import provenance  # noqa: E402
-from hyperattn_jax import exact  # noqa: E402
+from experiments import provenance
+from experiments import timing
+from experiments.benchmarks import common
+from hyperattn_jax import exact
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "backends.json", "Output JSON (the plot goes beside it).")
 flags.DEFINE_integer("blocks", 256, "Independent problems (folded into the batch).")
 flags.DEFINE_integer("q_rows", 256, "Query rows per problem.")
 flags.DEFINE_integer("k_rows", 512, "Key rows per problem.")
-flags.DEFINE_integer("heads", 32, "Heads.")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+common.define_shape_flags(kv_heads=False)
 flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16"], "Input dtype.")
-flags.DEFINE_integer("reps", 20, "Timed repetitions.")
-flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
+common.define_timing_flags(reps=20, warmup=3)
+flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
 def _variants():
@@ -75,9 +71,7 @@ def _variants():
 
 
 def _plot(records, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = common.pyplot()
   names = sorted({r["impl"] for r in records if "tflops" in r})
   fig, ax = plt.subplots(figsize=(9, 4))
   for i, mode in enumerate(("fwd", "fwdbwd")):
@@ -96,14 +90,10 @@ def _plot(records, path):
 def main(argv):
   del argv
   dtype = jnp.dtype(FLAGS.dtype)
-  kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
   shape_q = (FLAGS.blocks, FLAGS.q_rows, FLAGS.heads, FLAGS.head_dim)
   shape_k = (FLAGS.blocks, FLAGS.k_rows, FLAGS.heads, FLAGS.head_dim)
-  scale = FLAGS.head_dim ** -0.5
-  q = (scale * jax.random.normal(kq, shape_q, jnp.float32)).astype(dtype)
-  k = jax.random.normal(kk, shape_k, jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, shape_k, jnp.float32).astype(dtype)
-  d_out = jax.random.normal(kd, shape_q, jnp.float32).astype(dtype)
+  q, k, v, d_out = common.random_inputs(jax.random.key(0), shape_q, shape_k, dtype,
+                                        q_scale=FLAGS.head_dim ** -0.5)
   fwd_flops = 4 * FLAGS.blocks * FLAGS.heads * FLAGS.q_rows * FLAGS.k_rows * FLAGS.head_dim
   meta = provenance.run_meta(shape_q=shape_q, shape_kv=shape_k, dtype=FLAGS.dtype,
                              reps=FLAGS.reps, fwd_flops=fwd_flops, fwdbwd_flops=3.5 * fwd_flops)
@@ -113,11 +103,7 @@ def main(argv):
     for mode in ("fwd", "fwdbwd"):
       rec = {"impl": name, "mode": mode}
       try:
-        if mode == "fwd":
-          fn, args = jax.jit(attn), (q, k, v)
-        else:
-          fn = jax.jit(lambda q, k, v, g, a=attn: jax.vjp(a, q, k, v)[1](g))
-          args = (q, k, v, d_out)
+        fn, args = common.jitted_pass(attn, mode, q, k, v, d_out)
         out = fn(*args)
         if name == "cudnn":
           reference[mode] = out
@@ -125,12 +111,12 @@ def main(argv):
           rec["max_abs_err_vs_cudnn"] = jax.tree.leaves(jax.tree.map(
               lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))),
               out, reference[mode]))
-        med = timing.synchronised_ms(fn, *args, reps=FLAGS.reps, warmup=FLAGS.warmup)[0]
+        med = common.synchronised_ms(fn, *args)[0]
         pipelined = timing.pipelined_ms(fn, *args, reps=FLAGS.reps)
         rec.update(median_ms=med, pipelined_ms=pipelined,
                    tflops=meta[f"{mode}_flops"] / pipelined / 1e9)
       except Exception as e:  # pylint: disable=broad-except
-        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rec["error"] = common.error_text(e, 400)
       records.append(rec)
       print(json.dumps(rec), flush=True)
   provenance.write_results(FLAGS.out, meta, records=records)
