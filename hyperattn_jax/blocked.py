@@ -270,13 +270,12 @@ def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
 
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``; a causal level's quadrants): returns it with the stage's result merged
-  into the window's query rows by log-sum-exp (the Pallas kernel does so in place). With a
-  ``selection`` the stage runs in XLA (not in the Pallas kernels yet).
+  into the window's query rows by log-sum-exp (the Pallas kernel does so in place).
   """
-  if implementation == "pallas" and selection is None:
+  if implementation == "pallas":
     from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                    log_weight, scale=scale, block_size=block_size,
+                                    log_weight, selection, scale=scale, block_size=block_size,
                                     window=window, into=into)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
@@ -303,10 +302,11 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
   Pallas kernels). The selected keys' gradients are inside dk/dv.
   """
-  if implementation == "pallas" and selection is None:
+  if implementation == "pallas":
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
     return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
-                                        n_valid, log_weight, d_out, lse, delta, scale=scale,
+                                        n_valid, log_weight, d_out, lse, delta, selection,
+                                        scale=scale,
                                         block_size=block_size, window=window, into=into,
                                         weight_grad=weight_grad)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)

@@ -127,6 +127,11 @@ class _Geometry(NamedTuple):
   key_bias: bool = True  # a per-key bias row (0 / -inf) masks invalid keys; False: all valid
   lse_parts: int = 1    # running lse ``[P / lse_parts, N, lse_parts, rows]`` (problem p = its
                         # batch row p // lse_parts, row group p % lse_parts)
+  select_chunks: int = 0  # chunks of ``block_k`` selected keys per block (``select_blocks``)
+  block_sample_bias: bool = False  # the samples' bias is per query block (own and dropped
+                                   # samples -inf in it): no own-block select
+  key_partials: bool = False  # dk/dv kernel: float32 results at the keys' positions in k_perm
+                              # (selected keys: one key may be chosen by several blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +145,12 @@ def _cols(width):
 def _load_rows(ref, p, rows, head, offset=0):
   """``ref[p, offset + rows, head, :]`` ``[len(rows), H]`` (row 0 for padding rows)."""
   return ref[p, offset + jnp.maximum(rows, 0)[:, None], head, _cols(ref.shape[-1])]
+
+
+def _load_rows_or_zeros(ref, p, rows, head, offset=0):
+  """:func:`_load_rows` with zeros on padding rows (the XLA stage's gathers give zeros; row 0
+  may hold a NaN that a zero probability would not cancel)."""
+  return jnp.where((rows >= 0)[:, None], _load_rows(ref, p, rows, head, offset), 0)
 
 
 def _store_rows(ref, p, rows, head, value, offset=0):
@@ -213,13 +224,15 @@ def _chunk_keys(geo, perm, block, chunk):
 
 
 class _Refs(NamedTuple):
-  """The kernel's inputs beyond its row arrays: keys and (optional) permutations, samples."""
+  """The kernel's inputs beyond its row arrays: keys and (optional) permutations, samples,
+  selected keys."""
   k: object
   v: object
   bias: object      # or None (``geo.key_bias`` False: every key valid)
   q_perm: object
   k_perm: object
   samples: object   # (k, v, bias, block[, span]) or None
+  selected: object  # (rows, bias) of the block's selected keys, or None
 
 
 def _split_refs(refs, geo, n_samples):
@@ -235,7 +248,10 @@ def _split_refs(refs, geo, n_samples):
   samples = None
   if n_samples:
     samples, refs = tuple(refs[:n_samples]), refs[n_samples:]
-  return _Refs(k, v, bias, q_perm, k_perm, samples), refs
+  selected = None
+  if geo.select_chunks:
+    selected, refs = tuple(refs[:2]), refs[2:]
+  return _Refs(k, v, bias, q_perm, k_perm, samples, selected), refs
 
 
 def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
@@ -243,7 +259,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
 
   ``q`` ``[block_q, H]`` sits at row ``row0`` of its query block ``block``; ``s`` is the masked
   fp32 score tile ``[block_q, block_k]`` (base-2 units) of a chunk of the block's keys (then of
-  the samples).
+  the selected keys, then of the samples).
   """
   bk = geo.block_k
   scale2 = scale * _LOG2E
@@ -268,6 +284,17 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
   else:
     carry = lax.fori_loop(0, n_chunks, functools.partial(key_chunk, masked=False), carry)
 
+  if refs.selected is not None:
+    rows_ref, sel_bias_ref = refs.selected
+
+    def selected_chunk(j, carry):
+      sl = pl.ds(j * bk, bk)
+      keys = rows_ref[sl]
+      k = _load_rows_or_zeros(refs.k, p, keys, kv, geo.k_offset)
+      s = _dot(q, k, trans_b=True) * scale2 + sel_bias_ref[sl][None, :]
+      return step(carry, s, k, _load_rows_or_zeros(refs.v, p, keys, kv, geo.k_offset))
+    carry = lax.fori_loop(0, geo.select_chunks, selected_chunk, carry)
+
   if refs.samples is not None:
     ks_ref, vs_ref, sb_ref, sblk_ref, span_ref = refs.samples
     lo, hi = span_ref[0, block], span_ref[1, block]
@@ -276,7 +303,8 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
       sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
       s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :]
-      s = _own_block_masked(s, sblk_ref[sl], block, j * bk, lo, hi)
+      if not geo.block_sample_bias:
+        s = _own_block_masked(s, sblk_ref[sl], block, j * bk, lo, hi)
       return step(carry, s, k, vs_ref[sl, :])
     carry = lax.fori_loop(0, ks_ref.shape[0] // bk, sample_chunk, carry)
   return carry
@@ -406,7 +434,9 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
       s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
       if bias is not None:
         s = s + bias[:, None]
-      if samples:  # (a select on every tile: here the span's per-tile test measured slower)
+      if samples and geo.block_sample_bias:  # the bias row of the tile's block
+        s = s + refs.samples[2][lax.div(t, tpb_), :][:, None]
+      elif samples:  # (a select on every tile: here the span's per-tile test measured slower)
         s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
       if masked:  # keys on the rows, queries on the columns
         s = _causal(s, tile * bq, col0, query_axis=1)
@@ -437,8 +467,9 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
   if samples:
     ks_ref, vs_ref, sb_ref = refs.samples[:3]
     dk_ref, dv_ref, *dw_ref = outs
-    dk, dv, *dw = chunk_grads(ks_ref[...], vs_ref[...], sb_ref[...], c * blocks_per_program, 0,
-                              int(weight_grad))
+    dk, dv, *dw = chunk_grads(ks_ref[...], vs_ref[...],
+                              None if geo.block_sample_bias else sb_ref[...],
+                              c * blocks_per_program, 0, int(weight_grad))
     dk_ref[...] = dk * scale
     dv_ref[...] = dv
     for ref, value in zip(dw_ref, dw):
@@ -464,7 +495,12 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
       chunk = load(j + 1)
     bias = refs.bias[pl.ds(j * bk, bk)] if geo.key_bias else None
     dk, dv = chunk_grads(k, v, bias, block, (chunk0 + j) * bk, 0)
-    _store_results(geo, outs, (dk * scale, dv), p, keys, kv, geo.k_offset, running)
+    if geo.key_partials:  # at the keys' positions: a key may recur in other blocks' chunks
+      at = (c * cpp + j) * bk + lax.iota(jnp.int32, bk)
+      for ref, value in zip(outs, (dk * scale, dv)):
+        _store_rows(ref, p, at, kv, value)
+    else:
+      _store_results(geo, outs, (dk * scale, dv), p, keys, kv, geo.k_offset, running)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,6 +554,7 @@ class _Inputs(NamedTuple):
   bias: jax.Array | None  # None: no key bias row (``geo.key_bias`` False)
   perms: tuple          # (q_perm, k_perm) or ()
   samples: tuple        # (k, v, bias, block, span) or ()
+  selected: tuple = ()  # (rows, bias) ``[P, Nkv, nb * S_p]`` of the selected keys, or ()
 
 
 def _bias_head(x: _Inputs, geo):
@@ -540,10 +577,15 @@ def _key_inputs(x: _Inputs, geo):
   if x.samples:
     m_p = x.samples[0].shape[1]
     specs += [_spec((None, m_p, x.samples[0].shape[2]), lambda i, t, g: (i, 0, 0))] * 2
-    specs += [_spec((None, m_p), lambda i, t, g: (i, 0))] * 2
+    specs.append(_spec((None, None, m_p), lambda i, t, g: (i, t // tpb, 0))
+                 if geo.block_sample_bias else _spec((None, m_p), lambda i, t, g: (i, 0)))
+    specs.append(_spec((None, m_p), lambda i, t, g: (i, 0)))
     specs.append(_spec((None, 2, geo.num_blocks), lambda i, t, g: (i, 0, 0)))
+  if geo.select_chunks:
+    s_p = geo.select_chunks * geo.block_k
+    specs += [_spec((None, None, s_p), lambda i, t, g: (i // nkv, i % nkv, t // tpb))] * 2
   key_arrays = (x.k, x.v, x.bias) if geo.key_bias else (x.k, x.v)
-  return specs, key_arrays + x.perms + x.samples
+  return specs, key_arrays + x.perms + x.samples + x.selected
 
 
 def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
@@ -564,10 +606,11 @@ def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
 def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups,
                    weight_grad, running=()):
   """Backward: dq ``[P, q_len, N, H]`` (q's dtype), dk/dv ``[P, k_len, Nkv, H]`` (k's dtype),
-  and for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None;
-  the log-weight gradient is None unless ``weight_grad``).
+  for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None;
+  the log-weight gradient is None unless ``weight_grad``), and for the selected keys float32
+  (dk, dv) ``[P, nb * S_p, Nkv, H]`` at their positions in ``x.selected``'s rows (or None).
   With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the gradients
-  added to the window's rows instead.
+  added to the window's rows instead (the selected keys' apart).
 
   do like q; lse (base-2 units, ``+inf`` on rows without keys: ``_lse_base2``) and delta
   ``[P, N, Rq]`` f32 (q's rows).
@@ -586,11 +629,11 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
 
   qb_p = geo.tiles_per_block * bq
 
-  def dkdv(samples_mode, blocks_per_program, grid, running=(), chunks_per_program=1):
+  def dkdv(x, geo, samples_mode, blocks_per_program, grid, running=(), chunks_per_program=1):
     # Specs on the grid (bkv, c, s): own keys have c = group of chunks_per_program key chunks
     # (s absent), samples have c = group of blocks and s = sample chunk (their bias is the
     # samples' own).
-    kgeo = geo._replace(key_bias=geo.key_bias and not samples_mode)
+    kgeo = geo._replace(key_bias=geo.key_bias and not samples_mode, select_chunks=0)
     in_specs = [_WHOLE] * 6
     arrays = [x.k, x.v]
     keys = chunks_per_program * bk
@@ -613,7 +656,9 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     if samples_mode:
       m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
       in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
-      in_specs += [_spec((None, bk), lambda i, c, s: (i, s))] * 2
+      in_specs.append(_spec((None, blocks_per_program, bk), lambda i, c, s: (i, c, s))
+                      if geo.block_sample_bias else _spec((None, bk), lambda i, c, s: (i, s)))
+      in_specs.append(_spec((None, bk), lambda i, c, s: (i, s)))
       arrays += list(x.samples[:4])  # not the span
       part = (p * nkv, grid[1], m_p)
       out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
@@ -621,6 +666,9 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
       if weight_grad:
         out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
         out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
+    elif geo.key_partials:
+      out_specs = [_WHOLE, _WHOLE]
+      out_shape = [jax.ShapeDtypeStruct((p, x.perms[1].shape[-1], nkv, h), jnp.float32)] * 2
     else:
       out_specs = [_WHOLE, _WHOLE]
       out_shape = [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
@@ -631,18 +679,29 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     return _pallas_call(kernel, kgeo, grid, in_specs, out_specs, out_shape,
                         "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
 
-  # dk, dv of each block's own keys: program (bkv, group of key chunks) over its block's query
-  # rows.
-  cpp = _largest_divisor(geo.chunks_per_block, _OWN_CHUNKS_PER_PROGRAM)
-  dk, dv = dkdv(False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block // cpp), running[1:],
-                cpp)
-  if not has_samples:
-    return dq, dk, dv, None
-  # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
-  bpg = geo.num_blocks // sample_groups
-  dks, dvs, *dw = (t.sum(axis=1) for t in
-                   dkdv(True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk)))
-  return dq, dk, dv, (dks, dvs, dw[0] if dw else None)
+  def own_keys(x, geo, running=()):
+    """dk, dv of each block's keys (those of k_perm): program (bkv, group of key chunks) over
+    its block's query rows."""
+    cpp = _largest_divisor(geo.chunks_per_block, _OWN_CHUNKS_PER_PROGRAM)
+    return dkdv(x, geo, False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block // cpp),
+                running, cpp)
+
+  dk, dv = own_keys(x, geo, running[1:])
+  selected = None
+  if x.selected:  # the selected keys as each block's keys, their partials at their positions
+    rows, bias = x.selected
+    selected = own_keys(
+        x._replace(bias=bias, perms=(x.perms[0], rows), samples=(), selected=()),
+        geo._replace(chunks_per_block=geo.select_chunks, k_rows=geo.select_chunks * bk,
+                     key_bias=True, accumulate=False, key_partials=True))
+  samples = None
+  if has_samples:
+    # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
+    bpg = geo.num_blocks // sample_groups
+    dks, dvs, *dw = (t.sum(axis=1) for t in
+                     dkdv(x, geo, True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk)))
+    samples = (dks, dvs, dw[0] if dw else None)
+  return dq, dk, dv, samples, selected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,9 +744,9 @@ class _Blocked(NamedTuple):
   from_keys: callable   # the kernel's key rows [P, ., Nkv, H] -> [P, k_len, Nkv, H]
 
 
-def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, *,
-                    block_size, window: RowWindow, sort_in_kernel, block_q, block_k, num_warps,
-                    num_stages):
+def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                    selection, *, block_size, window: RowWindow, sort_in_kernel, block_q, block_k,
+                    num_warps, num_stages):
   p, _, n, h = q.shape
   kh, g = q_perm.shape[1], q_perm.shape[2]
   nb = k_perm.shape[-1] // block_size
@@ -717,18 +776,35 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
   rows, col = jnp.arange(p * kh)[:, None], jnp.arange(m, dtype=jnp.int32)[None, :]
   span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, blk].min(col),
                     jnp.zeros((p * kh, nb), jnp.int32).at[rows, blk].max(col + 1)], axis=1)
+  selected, select_chunks = (), 0
+  if selection is not None:
+    if not sort_in_kernel:
+      raise ValueError("selection needs sort_in_kernel=True (rows by index)")
+    # Each block's selected rows and their bias (0 kept, -inf not), padded to whole chunks; the
+    # samples' bias becomes per block, -inf on the block's own and dropped samples.
+    s_p = _round_up(selection.rows.shape[-1], block_k)
+    per_block = lambda x, value: _per_block(x.reshape(p, kh, -1), nb, s_p, value)
+    selected = (per_block(selection.rows, -1),
+                per_block(jnp.where(selection.keep, 0.0, _NEG_INF).astype(jnp.float32), _NEG_INF))
+    select_chunks = s_p // block_k
+    out_of_residual = ((blk[:, None, :] == jnp.arange(nb, dtype=jnp.int32)[None, :, None])
+                       | selection.drop_samples.reshape(p * kh, nb, m))
+    s_bias = _pad_to(jnp.where(out_of_residual, _NEG_INF, s_bias[:, None, :m]), 2, m_p,
+                     _NEG_INF)                                            # [P * Nkv, nb, m_p]
   samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1), span)
   common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
                 block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
                 chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
-                num_stages=num_stages, key_bias=key_bias)
+                num_stages=num_stages, key_bias=key_bias, select_chunks=select_chunks,
+                block_sample_bias=bool(select_chunks))
   k_perm_g = k_perm[:, :, None]
   if sort_in_kernel:
     perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
     geo = _Geometry(q_len=window.q_len, q_offset=window.q_offset, k_len=window.k_len,
                     k_offset=window.k_offset, sorted=True, **common)
     same = lambda x: x
-    return _Blocked(_Inputs(q, k, v, bias, perms, samples), geo, same, same, same, same, same)
+    return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo, same, same, same,
+                    same, same)
   # Sorted copies made by XLA; the kernel reads consecutive rows of them.
   n_q, n_k = q_perm.shape[-1], k_perm.shape[-1]
   geo = _Geometry(q_len=n_q, q_offset=0, k_len=n_k, k_offset=0, sorted=False, **common)
@@ -764,23 +840,27 @@ def _in_place(lay, q):
 
 
 def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                             log_weight, *, scale: float, block_size: int, window: RowWindow,
-                             sort_in_kernel: bool = True, block_q: int = 64, block_k: int = 64,
-                             num_warps: int = 4, num_stages: int = 2, into=None):
+                             log_weight, selection=None, *, scale: float, block_size: int,
+                             window: RowWindow, sort_in_kernel: bool = True, block_q: int = 64,
+                             block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                             into=None):
   """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention_fwd``.
 
   q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows in ``window``), q_perm
   ``[P, Nkv, G, nb * qb]`` / k_perm ``[P, Nkv, nb * block_size]`` local rows in sorted order
   (-1: padding), k_samp/v_samp ``[P, Nkv, m, H]``, samp_pos ``[P, Nkv, m]``, n_valid ``[P]``,
   log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse ``[P, N, q_len]`` float32.
-  ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
+  ``selection``: the ``select_blocks`` option's keys (``rows``/``keep`` ``[P, Nkv, nb, S]``,
+  ``drop_samples`` ``[P, Nkv, nb, m]``, as ``hyperattn_jax.selection.Selection``), or None:
+  each tile also attends to its block's selected rows, loaded by index. ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``): returned with the result merged into the window's query rows, in place
   in the kernel (where it reads rows by index and head_dim needs no padding; else by XLA). Its
   rows with lse ``-inf`` get weight 0 and must hold finite values (zeros, as written here).
   ``sort_in_kernel=False`` gathers sorted copies in XLA first (the alternative, to compare).
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                        block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
+                        selection, block_size=block_size, window=window,
+                        sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   if into is None or not _in_place(lay, q):
     out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
@@ -796,7 +876,7 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
 
 
 def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                 log_weight, d_out, lse, delta, *, scale: float,
+                                 log_weight, d_out, lse, delta, selection=None, *, scale: float,
                                  block_size: int, window: RowWindow, sort_in_kernel: bool = True,
                                  block_q: int = 64, block_k: int = 64, num_warps: int = 4,
                                  num_stages: int = 2, sample_groups: int = 8, into=None,
@@ -814,10 +894,12 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   float32 partials: ``sample_groups`` per (kv head) over all ``P`` problems together, i.e. the
   largest divisor of the block count not above ``sample_groups / P`` per problem (batched
   causal levels have enough programs without more, and their partials would cost ``P`` times
-  the memory).
+  the memory). ``selection`` as in :func:`blocked_attention_pallas`: the selected keys'
+  gradients are float32 partials per (block, selected key), scatter-added into dk/dv.
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                        block_size=block_size, window=window, sort_in_kernel=sort_in_kernel,
+                        selection, block_size=block_size, window=window,
+                        sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   in_place = into is not None and _in_place(lay, q)
   running, geo = (), lay.geo
@@ -825,7 +907,7 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
     parts = _folded(into, q, "dq")
     running, geo = tuple(fold_rows(x, parts) for x in into), geo._replace(accumulate=True)
   (d_out,) = _pad_head_dim(d_out)
-  dq, dk, dv, (dks, dvs, dw) = _tile_backward(
+  dq, dk, dv, (dks, dvs, dw), selected = _tile_backward(
       lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_lse_base2(lse)),
       lay.to_stats(delta.astype(jnp.float32)), scale=scale,
       sample_groups=_largest_divisor(geo.num_blocks, max(1, sample_groups // q.shape[0])),
@@ -835,12 +917,29 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
   samples = (unsamp(dks, k_samp), unsamp(dvs, v_samp),
              None if dw is None else dw[:, :m].reshape(p, kh, m))
+  add_selected = lambda dk, dv, offset: (dk, dv) if selected is None else tuple(
+      _add_key_partials(d, part[..., :h], lay.inputs.selected[0], offset)
+      for d, part in zip((dk, dv), selected))
   if in_place:
+    dk, dv = add_selected(dk, dv, window.k_offset)
     return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
   dq, dk, dv = lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h]
+  dk, dv = add_selected(dk, dv, 0)
   if into is not None:
     dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
   return (dq, dk, dv, *samples)
+
+
+def _add_key_partials(acc, partials, rows, offset):
+  """``acc`` ``[P, R, Nkv, H]`` with the float32 ``partials`` ``[P, n, Nkv, H]`` of the keys at
+  local rows ``rows`` ``[P, Nkv, n]`` (-1: none) added to its rows ``offset + rows`` (in
+  float32: a key chosen by several blocks gets several partials)."""
+  p, kh, n = rows.shape
+  at = jnp.where(rows >= 0, offset + rows, acc.shape[1])                  # [P, Nkv, n]
+  total = acc.astype(jnp.float32).at[jnp.arange(p)[:, None, None], at,
+                                     jnp.arange(kh)[None, :, None]].add(
+      jnp.swapaxes(partials, 1, 2), mode="drop")                          # [P, Nkv, n, H]
+  return total.astype(acc.dtype)
 
 
 def _lse_base2(lse):
@@ -884,7 +983,7 @@ def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal
                          **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   delta = output_delta(out, d_out, d_lse).astype(jnp.float32)
   (d_out,) = _pad_head_dim(d_out)
-  dq, dk, dv, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta, scale=scale,
+  dq, dk, dv, _, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta, scale=scale,
                                  sample_groups=1, weight_grad=False)
   h = q.shape[-1]
   return dq[..., :h], dk[..., :h], dv[..., :h]

@@ -1,0 +1,144 @@
+"""The ``select_blocks`` option in the Pallas kernels (interpret mode on CPU): the blocked
+stage's third softmax part (each block's selected key rows, loaded by index) and the samples
+left out of a block's residual, forward and backward, against the XLA stage and the oracle."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_qkv, rel_err
+from hyperattn_jax import hyper_attention, reference
+from hyperattn_jax import blocked as blocked_lib
+from hyperattn_jax.folding import embed_rows
+from hyperattn_jax.merge import merge_attention, output_delta
+from hyperattn_jax.selection import Selection
+from pallas_kernels import blocked_attention_bwd_pallas, blocked_attention_pallas
+from test_options import SMALL, _mask
+from test_pallas_kernels import (BLOCKED, _assert_grads_close, _assert_lse_close,
+                                 _blocked_inputs, _cotangents, _dims, _random_prior,
+                                 _window_grads)
+
+
+def _random_selection(seed, args, window, nb, s):
+  """A selection of ``s`` key rows per block: random local rows (repeats across blocks, some
+  -1), ``keep`` random (never on -1 rows), random dropped samples."""
+  q_perm, m = args[3], args[5].shape[2]
+  p, kh = q_perm.shape[:2]
+  ks = jax.random.split(jax.random.key(seed + 11), 4)
+  rows = jax.random.randint(ks[0], (p, kh, nb, s), 0, window.k_len)
+  rows = jnp.where(jax.random.uniform(ks[1], rows.shape) < 0.1, -1, rows).astype(jnp.int32)
+  keep = (jax.random.uniform(ks[2], rows.shape) < 0.7) & (rows >= 0)
+  drop = jax.random.uniform(ks[3], (p, kh, nb, m)) < 0.3
+  return Selection(rows, keep, drop)
+
+
+def _stage(args, selection, scale, bs, window):
+  """The XLA stage with the selection (plain autodiff of it is the gradient reference)."""
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
+      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, selection, scale, bs, window, "xla")
+
+
+SELECT_CASES = [  # shape, selected rows per block, dtype, forward atol, gradient tolerance
+    (BLOCKED[0], 20, jnp.float32, 2e-5, 1e-5),   # all keys valid (no key bias), 2 chunks
+    (BLOCKED[1], 9, jnp.float32, 2e-5, 1e-5),    # odd shapes, GQA 3, an empty batch row
+    (BLOCKED[1], 9, jnp.bfloat16, 3e-2, 2e-2),
+]
+
+
+@pytest.mark.parametrize("shape,s,dtype,atol,tol", SELECT_CASES)
+def test_selected_keys_kernels_match_xla(seed, shape, s, dtype, atol, tol):
+  """Forward (out, lse) and the gradients of the stage merged with another part (dq, dk, dv
+  with the selected keys' partials scatter-added, sample dk/dv, log-weights) == the XLA stage
+  and its autodiff."""
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
+  q, k, v, _, _, k_s, v_s, _, _, log_w = args
+  scale, nb, bs = dims[-1] ** -0.5, dims[3], dims[5]
+  selection = _random_selection(seed, args, window, nb, s)
+  kw = dict(scale=scale, block_size=bs, window=window, block_q=16, block_k=16)
+  stage = _stage(args, selection, scale, bs, window)
+  ref_out, ref_lse = stage(q, k, v, k_s, v_s, log_w)
+  out, lse = blocked_attention_pallas(*args, selection, **kw)
+  assert out.dtype == dtype and np.all(np.isfinite(np.asarray(out, np.float32)))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
+                             atol=atol, rtol=0)
+  _assert_lse_close(lse, ref_lse, atol)
+  # the selection changes the stage (the test can fail)
+  plain = _stage(args, None, scale, bs, window)(q, k, v, k_s, v_s, log_w)[0]
+  assert rel_err(ref_out, plain) > 1e-2
+
+  prior = _random_prior(seed, ref_out, ref_lse)
+  merged = lambda *x: merge_attention(*prior, *stage(*x))
+  (m_out, m_lse), vjp = jax.vjp(merged, q, k, v, k_s, v_s, log_w)
+  d_out, d_lse = _cotangents(seed, m_out, m_lse)
+  ref = _window_grads(vjp((d_out, d_lse)), window)
+  rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
+  grads = blocked_attention_bwd_pallas(
+      *args, rows(d_out, 1), rows(m_lse, 2), rows(output_delta(m_out, d_out, d_lse), 2),
+      selection, sample_groups=2 * q.shape[0], **kw)
+  _assert_grads_close(grads[:5], ref[:5], tol)
+  assert rel_err(grads[5], ref[5]) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", BLOCKED[:2])  # head_dim 16: in place; 24: padded, by XLA
+def test_selected_keys_into_running_arrays(seed, shape):
+  """With ``into=``: the forward merges into the running (out, lse) and the backward adds dq,
+  dk, dv (the selected keys' partials included) into running gradients, == the XLA path."""
+  dims, n_valid, q_len, k_len = _dims(shape)
+  args, window = _blocked_inputs(seed, *dims, jnp.float32, n_valid, q_len, k_len)
+  q, k, v = args[:3]
+  scale, nb, bs = dims[-1] ** -0.5, dims[3], dims[5]
+  selection = _random_selection(seed, args, window, nb, 7)
+  # the rows of q/k are two problems' folded rows of one batch row per pair of problems
+  fold = lambda x: x.reshape((x.shape[0] // 2, 2 * x.shape[1]) + x.shape[2:])
+  ks = jax.random.split(jax.random.key(seed + 5), 4)
+  running = (jax.random.normal(ks[0], fold(q).shape),
+             jax.random.normal(ks[1], (q.shape[0] // 2, q.shape[2], 2 * q.shape[1])))
+  kw = dict(scale=scale, block_size=bs, window=window)
+  pallas_kw = dict(kw, block_q=16, block_k=16)
+  fwd = lambda impl, **x: blocked_lib.blocked_attention_fwd(
+      *args, selection, **kw, implementation=impl, into=running) if impl == "xla" else \
+      blocked_attention_pallas(*args, selection, **pallas_kw, into=running)
+  for a, b in zip(fwd("pallas"), fwd("xla")):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+  grads_in = (jax.random.normal(ks[2], fold(q).shape),
+              jax.random.normal(ks[3], fold(k).shape), jax.random.normal(ks[3], fold(v).shape))
+  d_out = jax.random.normal(ks[2], q.shape)
+  lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]))
+  delta = jax.random.normal(ks[1], lse.shape)
+  xla = blocked_lib.blocked_attention_bwd(*args, selection, d_out, lse, delta, **kw,
+                                          implementation="xla", into=grads_in)
+  pallas = blocked_attention_bwd_pallas(*args, d_out, lse, delta, selection, **pallas_kw,
+                                        into=grads_in)
+  for a, b in zip(pallas[:5], xla[:5]):
+    assert a.shape == b.shape
+    assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyper_attention_pallas_selection_matches_reference(seed, causal):
+  """End to end with ``implementation="pallas"``: the selection (with sinks and the band where
+  causal), key padding, GQA, an odd length; forward and gradients against the oracle."""
+  b, n = 1, 150
+  q, k, v = make_qkv(seed, b, n, n, 4, 2, 16)
+  rng = jax.random.key(seed + 1)
+  mask = _mask(seed, b, n)
+  options = dict(select_blocks=2, select_block_size=8)
+  if causal:
+    options.update(sink_size=3, local_window=9)
+  config = dataclasses.replace(SMALL, **options)
+  run = lambda q, k, v: hyper_attention(q, k, v, rng=rng, causal=causal, config=config,
+                                        key_mask=mask, implementation="pallas")
+  ref = lambda q, k, v: reference.reference_hyper_attention(q, k, v, rng=rng, causal=causal,
+                                                           config=config, key_mask=mask)[0]
+  np.testing.assert_allclose(run(q, k, v), jax.jit(ref)(q, k, v), atol=2e-5, rtol=0)
+  w = jax.random.normal(jax.random.key(seed + 2), q.shape)
+  g = jax.jit(jax.grad(lambda *x: jnp.sum(run(*x) * w), (0, 1, 2)))(q, k, v)
+  g_ref = jax.jit(jax.grad(lambda *x: jnp.sum(ref(*x) * w), (0, 1, 2)))(q, k, v)
+  for a, b_ in zip(g, g_ref):
+    assert rel_err(a, b_) < 1e-5
