@@ -102,8 +102,9 @@ def _sort_keys(q, k, key_mask, projections):
   return q_code, k_code
 
 
-# 16-bit sorts of one call/level at most (each is a few kernel launches; 1M causal, whose finest
-# level takes 16, ran 134.3 -> 133.2 ms forward with them on an H200); beyond, one 32-bit sort.
+# 16-bit sorts of one call/level at most (each is a few kernel launches; at 1M causal, whose
+# finest level takes 16, they measured faster than one 32-bit sort: see HISTORY); beyond, one
+# 32-bit sort.
 _MAX_SORTS = 16
 
 
@@ -142,8 +143,8 @@ def _radix_perms(padded, counts, code_bits: int, key_type, per_sort: int):
   ``per_sort`` consecutive ones per sort (keys relative to the group); the sorted row indices
   of each array ``[..., rows]`` int32."""
   keys, index = [], []
-  # The row index rides along in 16 bits where every array's rows fit (cub's sort time of a
-  # 1M causal forward: 5.42 -> 5.19 ms on an H200), else 32.
+  # The row index rides along in 16 bits where every array's rows fit (cub's sorts measured
+  # faster with 16-bit values than with 32-bit ones: see HISTORY), else 32.
   value_type = jnp.uint16 if max(c.shape[-1] for c in padded) <= 2 ** 16 else jnp.uint32
   for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
     segment = (first + jnp.arange(count, dtype=jnp.uint32)) % per_sort

@@ -5,7 +5,7 @@ Recipe (why each part): retrieval probes in 90% of the windows with the answer t
 64x (otherwise ~40 answer bytes in 32k text barely move the loss); 700 steps on 64 windows of
 512 tokens first (64 probes per step: the copy circuit forms there, see HISTORY), then 400 on
 8 windows of 4k, 200 on 2 windows of 16k and 600 at 32k (every depth of the long context; 200
-steps at 32k left associative recall at 56%, see HISTORY); RoPE base 5e5 so that the
+steps at 32k were too few for associative recall, see HISTORY); RoPE base 5e5 so that the
 slowest rotary frequencies barely turn over 131k tokens and can match content at any distance.
 """
 
