@@ -49,8 +49,9 @@ class HyperAttentionConfig:
       Quest, Tang et al. 2024: ``sum_d max(q_d kmax_d, q_d kmin_d)``); the samples that fall in
       a selected run are left out of that block's residual (so every key is counted once). It
       finds a key whose score is large through its norm, which angular LSH misses. 0: none
-      (the paper's algorithm). The blocked stage then runs in XLA (the Pallas kernels do not
-      have it yet).
+      (the paper's algorithm). In the Pallas kernels the selected keys are loaded by index
+      like the block's own; choosing them (the bounds of every query against every run) runs
+      in XLA.
     select_block_size: keys per selectable run (see ``select_blocks``).
   """
 

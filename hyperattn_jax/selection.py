@@ -39,11 +39,11 @@ class Selection(NamedTuple):
 
 def run_extrema(k, key_valid, run: int):
   """Per-channel max and min of every run of ``run`` consecutive valid keys: k ``[P, Nkv, Tk,
-  H]``, key_valid ``[P, Tk]`` bool -> kmax, kmin ``[P, Nkv, R, H]`` float32 (0 in runs without a
-  valid key) and ``has_key`` ``[P, 1, R]`` (``R = ceil(Tk / run)``)."""
+  H]``, key_valid ``[P, Tk]`` bool -> kmax, kmin ``[P, Nkv, R, H]`` in k's dtype (0 in runs
+  without a valid key) and ``has_key`` ``[P, 1, R]`` (``R = ceil(Tk / run)``)."""
   p, kh, tk, h = k.shape
   r = -(-tk // run)
-  k = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, 0), (0, r * run - tk), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, 0), (0, r * run - tk), (0, 0)))
   valid = jnp.pad(key_valid, ((0, 0), (0, r * run - tk)))[:, None, :, None]
   k, valid = k.reshape(p, kh, r, run, h), valid.reshape(p, 1, r, run, 1)
   has_key = jnp.any(valid, axis=(3, 4))
@@ -55,10 +55,19 @@ def run_extrema(k, key_valid, run: int):
 
 def block_bounds(q, kmax, kmin):
   """Quest's bound ``sum_d max(q_d kmax_d, q_d kmin_d)`` of q ``[..., n, H]`` against every run
-  (kmax/kmin ``[..., R, H]``, leading axes broadcasting) -> ``[..., n, R]`` float32."""
-  q = q.astype(jnp.float32)
-  dot = lambda a, b: jnp.einsum("...nh,...rh->...nr", a, b, precision=jax.lax.Precision.HIGHEST)
-  return dot(jnp.maximum(q, 0.0), kmax) + dot(jnp.minimum(q, 0.0), kmin)
+  (kmax/kmin ``[..., R, H]``, leading axes broadcasting) -> ``[..., n, R]`` float32.
+
+  16-bit inputs are multiplied in their own type with float32 accumulation (on GPU the tensor
+  cores): a product of two 16-bit values is exact in float32, so the bound differs from the
+  float32 one only in the order of summation. Other types: float32 at full precision."""
+  if q.dtype == kmax.dtype and q.dtype in (jnp.bfloat16, jnp.float16):
+    dot = lambda a, b: jnp.einsum("...nh,...rh->...nr", a, b, preferred_element_type=jnp.float32)
+  else:
+    q, kmax, kmin = (x.astype(jnp.float32) for x in (q, kmax, kmin))
+    dot = lambda a, b: jnp.einsum("...nh,...rh->...nr", a, b,
+                                  precision=jax.lax.Precision.HIGHEST)
+  zero = jnp.zeros((), q.dtype)
+  return dot(jnp.maximum(q, zero), kmax) + dot(jnp.minimum(q, zero), kmin)
 
 
 def select_runs(qs, q_valid, kmax, kmin, has_key, count: int):

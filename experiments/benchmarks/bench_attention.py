@@ -100,7 +100,8 @@ def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
   """Model FLOPs: exact = 4 n^2 d h (half when causal); hyper as in ../shared/README.md."""
   d, h, b = FLAGS.head_dim, FLAGS.heads, FLAGS.batch
   if "hyper" in impl and n > config.min_seq_len:
-    per_query = config.block_size + config.sample_size
+    per_query = (config.block_size + config.sample_size
+                 + config.select_blocks * config.select_block_size)
     if causal:
       levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
       keys = 2 ** levels * base * base / 2 + levels * (n / 2) * per_query

@@ -18,7 +18,12 @@ _HYPER_FLAGS = {"block_size": (256, "HyperAttentionConfig.block_size."),
                 "sample_size": (256, "HyperAttentionConfig.sample_size (samples per query)."),
                 "lsh_num_projs": (7, "HyperAttentionConfig.lsh_num_projs (LSH hyperplanes)."),
                 "min_seq_len": (4096, "HyperAttentionConfig.min_seq_len (exact base case "
-                                "length).")}
+                                "length)."),
+                "sink_size": (0, "HyperAttentionConfig.sink_size (first keys exact)."),
+                "local_window": (0, "HyperAttentionConfig.local_window (causal exact band)."),
+                "select_blocks": (0, "HyperAttentionConfig.select_blocks (query-aware key "
+                                  "runs per block)."),
+                "select_block_size": (64, "HyperAttentionConfig.select_block_size.")}
 
 
 def define_shape_flags(*, kv_heads: bool = True) -> None:
@@ -36,14 +41,14 @@ def define_dtype_flag(help_text: str = "Input dtype.") -> None:
 
 
 def define_hyper_flags(*names: str) -> None:
-  """Flags named as the HyperAttentionConfig fields ``names`` (default: block_size,
-  sample_size, lsh_num_projs, min_seq_len)."""
+  """Flags named as the HyperAttentionConfig fields ``names`` (default: all of
+  ``_HYPER_FLAGS``: the paper's four and the options sinks, band, selection)."""
   for name in names or _HYPER_FLAGS:
     flags.DEFINE_integer(name, *_HYPER_FLAGS[name])
 
 
 def hyper_config() -> HyperAttentionConfig:
-  """The HyperAttentionConfig of the flags of ``define_hyper_flags()`` (all four)."""
+  """The HyperAttentionConfig of the flags of ``define_hyper_flags()`` (all of them)."""
   return HyperAttentionConfig(**{name: FLAGS[name].value for name in _HYPER_FLAGS})
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from experiments import provenance
 from experiments.benchmarks import common
-from hyperattn_jax import HyperAttentionConfig, hyper_attention
+from hyperattn_jax import hyper_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 131072, "sequence length")
@@ -32,6 +32,7 @@ flags.DEFINE_bool("causal", True, "causal attention")
 flags.DEFINE_enum("mode", "fwdbwd", ["fwd", "fwdbwd"], "forward, or forward + backward")
 flags.DEFINE_string("impl", "pallas", "hyper_attention implementation")
 common.define_shape_flags()
+common.define_hyper_flags()
 flags.DEFINE_integer("reps", 3, "traced calls")
 flags.DEFINE_integer("top", 40, "kernels listed")
 flags.DEFINE_string("out", None, "JSON output path")
@@ -57,7 +58,7 @@ def _kernel_times(trace_dir: str) -> dict[str, list[float]]:
 
 def main(argv):
   del argv
-  config = HyperAttentionConfig()
+  config = common.hyper_config()
   q, k, v, d_out = common.random_inputs(
       jax.random.key(0), (1, FLAGS.n, FLAGS.heads, FLAGS.head_dim),
       (1, FLAGS.n, FLAGS.kv_heads, FLAGS.head_dim), jnp.bfloat16)
