@@ -173,13 +173,15 @@ def _rng_streams(rng):
   return jax.random.split(rng, 3)
 
 
-def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindow, codes=None):
+def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindow,
+          implementation: str, codes=None):
   """Stages 0+1 of the window's problem: the draws from ``rng`` and the sortLSH orders.
 
   q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``, key_mask ``[P, k_len]`` bool or None;
   ``codes``: the window's sort keys (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the
   caller hashed already (the causal levels share one hashing per call); else they are hashed
-  here with hyperplanes drawn from ``rng``.
+  here with hyperplanes drawn from ``rng``. ``implementation`` ("xla"/"pallas"): that of the
+  selection's run scores (``select_blocks``).
   """
   b, kh = q.shape[0], k.shape[2]
   tq, tk = window.q_len, window.k_len
@@ -213,9 +215,10 @@ def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindo
   if config.select_blocks:
     keys = jax.lax.slice_in_dim(k, window.k_offset, window.k_offset + tk, axis=1)
     selection = selection_lib.build_selection(
-        grouped_rows(q, q_perm, window.q_offset), q_perm >= 0, keys.transpose(0, 2, 1, 3),
+        q, q_perm, keys.transpose(0, 2, 1, 3),
         jnp.ones((b, tk), jnp.bool_) if key_mask is None else key_mask, k_perm, samp_rows,
-        config.block_size, config.select_blocks, config.select_block_size)
+        q_offset=window.q_offset, block_size=config.block_size, count=config.select_blocks,
+        run=config.select_block_size, implementation=implementation)
   return _Plan(q_perm, k_perm, samp_rows, samp_pos, n_valid, log_weight, tau_rows, selection)
 
 
@@ -295,7 +298,7 @@ def _hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale
     rest = jnp.broadcast_to(jnp.arange(k.shape[1]) >= sinks, k.shape[:2])
     approx_mask = rest if key_mask is None else key_mask & rest
   window = RowWindow(0, q.shape[1], 0, k.shape[1], all_keys_valid=approx_mask is None)
-  plan = _plan(q, k, v, approx_mask, rng, config, window)
+  plan = _plan(q, k, v, approx_mask, rng, config, window, implementation)
   out, lse = _attend_blocks(q, k, v, plan, config, scale, implementation, window)
   if not sinks:
     return out, lse
@@ -554,7 +557,8 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
     if options:  # the exactly attended keys sort last, like masked ones
       k_codes = jnp.where(mask[:, None, :], k_codes, 2 ** config.lsh_num_projs)
     plans.append(_plan(fold(q), fold(k), fold(v), mask,
-                       jax.random.fold_in(rng, d), config, window, (q_codes, k_codes)))
+                       jax.random.fold_in(rng, d), config, window, implementation,
+                       (q_codes, k_codes)))
   # Padding keys lie after every real query, so without a key mask the causal mask alone
   # excludes them from the base case (which lets cuDNN run it).
   base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)

@@ -22,7 +22,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Selection", "block_bounds", "run_extrema", "select_runs", "build_selection"]
+from hyperattn_jax.blocked import grouped_rows
+
+__all__ = ["Selection", "block_bounds", "run_extrema", "run_scores", "build_selection"]
 
 # Elements of one chunk's [queries, runs] bound matrix (the selection of a 131k quadrant would
 # otherwise hold every query's bound on every run at once).
@@ -70,13 +72,21 @@ def block_bounds(q, kmax, kmin):
   return dot(jnp.maximum(q, zero), kmax) + dot(jnp.minimum(q, zero), kmin)
 
 
-def select_runs(qs, q_valid, kmax, kmin, has_key, count: int):
-  """The ``count`` runs of largest bound for each sorted query block: qs ``[P, Nkv, G, nb, qb,
-  H]`` (its queries, all heads of the kv head), q_valid ``[P, Nkv, G, nb, qb]`` (False: padding
-  rows) -> run indices ``[P, Nkv, nb, count]`` int32 (ties: the lower index). Chunked over
-  query blocks so that one chunk's bound matrix stays within ``_CHUNK_ELEMENTS``."""
-  p, kh, g, nb, qb, _ = qs.shape
-  runs = kmax.shape[2]
+def run_scores(q, q_perm, q_offset: int, kmax, kmin, num_blocks: int, implementation: str):
+  """Each sorted query block's score of every run: the bound maxed over its queries (all heads
+  of the kv head). q ``[P, Rq, N, H]`` (the window's rows from ``q_offset``), q_perm ``[P, Nkv,
+  G, nb * qb]`` (-1: padding rows, left out) -> ``[P, Nkv, nb, R]`` float32.
+
+  ``"pallas"``: the kernel ``pallas_kernels.run_scores_pallas`` (bound tiles reduced in
+  registers); else XLA, chunked over query blocks so that one chunk's ``[queries, runs]`` bound
+  matrix stays within ``_CHUNK_ELEMENTS``."""
+  if implementation == "pallas":
+    from pallas_kernels import run_scores_pallas  # pylint: disable=import-outside-toplevel
+    return run_scores_pallas(q, q_perm, kmax, kmin, num_blocks=num_blocks, q_offset=q_offset)
+  p, kh, g, rows = q_perm.shape
+  nb, qb, runs = num_blocks, rows // num_blocks, kmax.shape[2]
+  qs = grouped_rows(q, q_perm, q_offset).reshape(p, kh, g, nb, qb, q.shape[-1])
+  q_valid = (q_perm >= 0).reshape(p, kh, g, nb, qb)
   per_block = p * kh * g * qb * runs
   c = max(d for d in range(1, nb + 1) if nb % d == 0 and d * per_block <= max(_CHUNK_ELEMENTS,
                                                                              per_block))
@@ -89,25 +99,28 @@ def select_runs(qs, q_valid, kmax, kmin, has_key, count: int):
     return jnp.max(bound, axis=(2, 4))                             # [P, Nkv, c, R]
 
   scores = jax.lax.map(block_scores, (chunk(qs), chunk(q_valid)))  # [nb / c, P, Nkv, c, R]
-  scores = jnp.moveaxis(scores, 0, 2).reshape(p, kh, nb, runs)
-  scores = jnp.where(has_key[:, :, None, :], scores, -jnp.inf)
-  return jax.lax.top_k(scores, min(count, runs))[1].astype(jnp.int32)
+  return jnp.moveaxis(scores, 0, 2).reshape(p, kh, nb, runs)
 
 
-def build_selection(qs, q_valid, k, key_valid, k_perm, samp_rows, block_size: int, count: int,
-                    run: int) -> Selection:
+def build_selection(q, q_perm, k, key_valid, k_perm, samp_rows, *, q_offset: int,
+                    block_size: int, count: int, run: int, implementation: str) -> Selection:
   """The :class:`Selection` of one batch of problems.
 
-  qs ``[P, Nkv, G, nb * qb, H]`` sorted queries and q_valid ``[P, Nkv, G, nb * qb]``; k ``[P,
-  Nkv, Tk, H]`` the problem's keys in order and key_valid ``[P, Tk]``; k_perm ``[P, Nkv, nb *
-  block_size]`` the sorted key order (-1: padding); samp_rows ``[P, Nkv, m]`` the samples' rows.
+  q ``[P, Rq, N, H]`` (the window's queries from ``q_offset``) and q_perm ``[P, Nkv, G, nb *
+  qb]`` their sorted order (-1: padding); k ``[P, Nkv, Tk, H]`` the problem's keys in order and
+  key_valid ``[P, Tk]``; k_perm ``[P, Nkv, nb * block_size]`` the sorted key order (-1:
+  padding); samp_rows ``[P, Nkv, m]`` the samples' rows. ``count`` runs of ``run`` keys per
+  block, the largest scores (:func:`run_scores`; ties: the lower index).
   """
-  p, kh, g, rows, h = qs.shape
+  p, kh = q_perm.shape[:2]
   tk = k.shape[2]
   nb = k_perm.shape[-1] // block_size
+  # A discrete choice: fixed under differentiation (no tangents through the score kernel).
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
   kmax, kmin, has_key = run_extrema(k, key_valid, run)
-  chosen = select_runs(qs.reshape(p, kh, g, nb, rows // nb, h),
-                       q_valid.reshape(p, kh, g, nb, rows // nb), kmax, kmin, has_key, count)
+  scores = run_scores(q, q_perm, q_offset, kmax, kmin, nb, implementation)
+  scores = jnp.where(has_key[:, :, None, :], scores, -jnp.inf)
+  chosen = jax.lax.top_k(scores, min(count, scores.shape[-1]))[1].astype(jnp.int32)
   key_rows = (chosen[..., None] * run + jnp.arange(run, dtype=jnp.int32)).reshape(
       p, kh, nb, -1)                                               # [P, Nkv, nb, S]
   inside = key_rows < tk

@@ -14,6 +14,7 @@ from hyperattn_jax import hyper_attention, reference
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.folding import embed_rows
 from hyperattn_jax.merge import merge_attention, output_delta
+from hyperattn_jax import selection as selection_lib
 from hyperattn_jax.selection import Selection
 from pallas_kernels import blocked_attention_bwd_pallas, blocked_attention_pallas
 from test_options import SMALL, _mask
@@ -139,3 +140,26 @@ def test_hyper_attention_pallas_selection_matches_reference(seed):
   g_ref = jax.jit(jax.grad(lambda *x: jnp.sum(ref(*x) * w), (0, 1, 2)))(q, k, v)
   for a, b_ in zip(g, g_ref):
     assert rel_err(a, b_) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_run_scores_kernel_matches_xla(seed, dtype):
+  """The run-score kernel (bound tiles maxed in registers) == the XLA scores: odd block and
+  run counts, GQA, padding query rows (left out), a window offset; products exact in both, so
+  only the summation order differs."""
+  p, kh, g, nb, qb, h, runs, q_off = 2, 2, 3, 3, 40, 24, 70, 3
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (p, q_off + nb * qb + 1, kh * g, h)).astype(dtype)
+  k = jax.random.normal(ks[1], (p, kh, runs * 5 - 3, h)).astype(dtype)
+  valid = jax.random.uniform(ks[2], (p, k.shape[2])) > 0.3
+  kmax, kmin, _ = selection_lib.run_extrema(k, valid, 5)
+  q_len = nb * qb - 7
+  perm = jax.vmap(lambda r: jax.random.permutation(r, nb * qb))(
+      jax.random.split(ks[3], p * kh * g)).reshape(p, kh, g, nb * qb)
+  perm = jnp.where(perm < q_len, perm, -1).astype(jnp.int32)
+  perm = perm.at[1, 0, :, :qb].set(-1)  # a block without a valid query
+  got = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, "pallas")
+  want = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, "xla")
+  assert got.shape == want.shape == (p, kh, nb, runs)
+  assert np.all(np.asarray(got[1, 0, 0]) == -np.inf)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
