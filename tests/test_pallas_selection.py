@@ -84,46 +84,11 @@ def test_selected_keys_kernels_match_xla(seed, shape, s, dtype, atol, tol):
   assert rel_err(grads[5], ref[5]) < tol
 
 
-@pytest.mark.gpu
-def test_selected_keys_into_running_arrays(seed):
-  """With ``into=``: the forward merges into the running (out, lse) and the backward adds dq,
-  dk, dv (the selected keys' partials included) into running gradients, == the XLA path; in
-  place (head_dim 16; a padded head_dim adds by XLA, as without ``into``)."""
-  dims, n_valid, q_len, k_len = _dims(BLOCKED[0])
-  args, window = _blocked_inputs(seed, *dims, jnp.float32, n_valid, q_len, k_len)
-  q, k, v = args[:3]
-  scale, nb, bs = dims[-1] ** -0.5, dims[3], dims[5]
-  selection = _random_selection(seed, args, window, nb, 7)
-  # the rows of q/k are two problems' folded rows of one batch row per pair of problems
-  fold = lambda x: x.reshape((x.shape[0] // 2, 2 * x.shape[1]) + x.shape[2:])
-  ks = jax.random.split(jax.random.key(seed + 5), 4)
-  running = (jax.random.normal(ks[0], fold(q).shape),
-             jax.random.normal(ks[1], (q.shape[0] // 2, q.shape[2], 2 * q.shape[1])))
-  kw = dict(scale=scale, block_size=bs, window=window)
-  pallas_kw = dict(kw, block_q=16, block_k=16)
-  fwd = lambda impl, **x: blocked_lib.blocked_attention_fwd(
-      *args, selection, **kw, implementation=impl, into=running) if impl == "xla" else \
-      blocked_attention_pallas(*args, selection, **pallas_kw, into=running)
-  for a, b in zip(fwd("pallas"), fwd("xla")):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
-  grads_in = (jax.random.normal(ks[2], fold(q).shape),
-              jax.random.normal(ks[3], fold(k).shape), jax.random.normal(ks[3], fold(v).shape))
-  d_out = jax.random.normal(ks[2], q.shape)
-  lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]))
-  delta = jax.random.normal(ks[1], lse.shape)
-  xla = blocked_lib.blocked_attention_bwd(*args, selection, d_out, lse, delta, **kw,
-                                          implementation="xla", into=grads_in)
-  pallas = blocked_attention_bwd_pallas(*args, d_out, lse, delta, selection, **pallas_kw,
-                                        into=grads_in)
-  for a, b in zip(pallas[:5], xla[:5]):
-    assert a.shape == b.shape
-    assert rel_err(a, b) < 1e-5
-
-
 def test_hyper_attention_pallas_selection_matches_reference(seed):
   """End to end with ``implementation="pallas"``, causal (the non-causal call is one such
-  problem): the selection with sinks and the band, key padding, GQA, an odd length; forward and
-  gradients against the oracle."""
+  problem; the levels merge and add into the running arrays in place, head_dim 16): the
+  selection with sinks and the band, key padding, GQA, an odd length; forward and gradients
+  against the oracle."""
   b, n, causal = 1, 150, True
   q, k, v = make_qkv(seed, b, n, n, 4, 2, 16)
   rng = jax.random.key(seed + 1)
