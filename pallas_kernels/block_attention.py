@@ -350,10 +350,9 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
   m, l, acc = _visit_keys(step, init, q, tile * block_q, block, refs, p, kv, geo=geo,
                           scale=scale)
   if geo.accumulate:
-    # Merge with the running (out, lse) of these rows, read only now: read before the key loop
-    # (to start from them, or to keep them in registers) the level kernel took 5-15% longer.
-    # Running rows without keys (lse -inf, weight 0) hold zeros, as every writer stores them
-    # (a select guarding against other values there cost 1-3%).
+    # Merge with the running (out, lse) of these rows, read only now: reading them before the
+    # key loop measured slower (HISTORY). Running rows without keys (lse -inf, weight 0) hold
+    # zeros, as every writer stores them, so no select guards against other values there.
     out_in, lse_in, o_ref, lse_ref = outs
     m_run = _load_running_lse(geo, lse_in, p, rows, head) * _LOG2E
     m_tot = jnp.maximum(m, m_run)
@@ -436,7 +435,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
         s = s + bias[:, None]
       if samples and geo.block_sample_bias:  # the bias row of the tile's block
         s = s + refs.samples[2][lax.div(t, tpb_), :][:, None]
-      elif samples:  # (a select on every tile: here the span's per-tile test measured slower)
+      elif samples:  # a select on every tile (the span's per-tile test measured slower)
         s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
       if masked:  # keys on the rows, queries on the columns
         s = _causal(s, tile * bq, col0, query_axis=1)
@@ -542,7 +541,7 @@ def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, runnin
 
 
 _WHOLE = pl.no_block_spec  # arrays read or written by row index
-# Key chunks per dk/dv program of a block's own keys (at most): 2 measured faster than 1 or 4.
+# Key chunks per dk/dv program of a block's own keys (at most; measured best, HISTORY).
 _OWN_CHUNKS_PER_PROGRAM = 2
 
 
