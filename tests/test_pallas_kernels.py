@@ -141,7 +141,7 @@ def test_key_bias_only_where_a_block_has_padding(seed, k_len, key_bias):
                                  k_len)
   assert window.all_keys_valid
   kw = dict(block_size=32, window=window, block_q=32, block_k=16)
-  lay = block_attention._blocked_inputs(*args, sort_in_kernel=True, num_warps=4, num_stages=2,
+  lay = block_attention._blocked_inputs(*args, None, sort_in_kernel=True, num_warps=4, num_stages=2,
                                         **kw)
   assert lay.geo.key_bias == key_bias
   out, lse = blocked_attention_pallas(*args, scale=0.25, **kw)
