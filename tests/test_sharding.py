@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_head_sharded_matches_per_shard_calls(seed, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
   script = tmp_path / "sharded.py"
   script.write_text(SCRIPT)

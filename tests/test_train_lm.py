@@ -146,7 +146,8 @@ print("LOSSES" + json.dumps(out))
 def test_eight_device_data_parallel_matches_one_device(tmp_path):
   train_lib.train_and_evaluate(micro_config(num_steps=3), str(tmp_path / "one"))
   one = [_train_losses(tmp_path / "one")[s] for s in (1, 2, 3)]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   script = _DEVICE_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                  workdir=str(tmp_path / "eight"))
