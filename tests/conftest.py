@@ -1,7 +1,10 @@
 """Shared test helpers: fresh random inputs on every run, with the seed in the failure report."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 # CPU runs: XLA's backend (LLVM) optimisation level 0. The suite's time is almost all XLA
 # compiles of graphs that then run for milliseconds; level 0 compiles them ~2.5x faster (no
@@ -13,12 +16,37 @@ if (importlib.util.find_spec("jax_plugins") is None and
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
+# A compilation cache on disk, one per test process (an xdist worker, and the subprocesses it
+# starts, which inherit the variable): the training runs, resumes and scripts compile the same
+# programs again in new jit objects or processes, and then load them instead. One per process
+# (a worker makes its own, not its parent's), so that no process reads an entry while another
+# writes it; removed at the end of the session. A JAX_COMPILATION_CACHE_DIR of your own is kept.
+_CACHE_OWNER = "HYPERATTN_TEST_JAX_CACHE_OWNER"
+if ("JAX_COMPILATION_CACHE_DIR" not in os.environ or
+    os.environ.get(_CACHE_OWNER, str(os.getpid())) != str(os.getpid())):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hyperattn-jax-cache-")
+  os.environ[_CACHE_OWNER] = str(os.getpid())
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  atexit.register(shutil.rmtree, _OWN_CACHE, ignore_errors=True)
+else:
+  _OWN_CACHE = None
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hyperattn_jax.reference import reference_hyper_attention
+
+# (also where jax was imported before this file read the variable)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(autouse=True)
