@@ -4,8 +4,8 @@ recall), exact attention by default. ``--config.attention=hyper`` trains it with
 Recipe (why each part): retrieval probes in 90% of the windows with the answer tokens weighted
 64x (otherwise ~40 answer bytes in 32k text barely move the loss); 700 steps on 64 windows of
 512 tokens first (64 probes per step: the copy circuit forms there, see HISTORY), then 400 on
-8 windows of 4k, 200 on 2 windows of 16k and 600 at 32k (every depth of the long context; 200
-steps at 32k were too few for associative recall, see HISTORY); RoPE base 5e5 so that the
+8 windows of 4k, 200 on 2 windows of 16k and 1200 at 32k (every depth of the long context; 200
+and 600 steps at 32k were too few for associative recall, see HISTORY); RoPE base 5e5 so that the
 slowest rotary frequencies barely turn over 131k tokens and can match content at any distance.
 """
 
@@ -14,8 +14,8 @@ from experiments.lm.configs import base
 
 def get_config():
   c = base.get_config()
-  c.num_steps = 1900
-  c.decay_steps = 1900  # retrieval_131k continues this schedule
+  c.num_steps = 2500
+  c.decay_steps = 2500  # retrieval_131k continues this schedule
   c.curriculum = "512x64:700,4096x8:1100,16384x2:1300"
   c.batch_size = 1
   c.seq_len = 32768
@@ -31,5 +31,5 @@ def get_config():
   c.eval_every = 500
   c.eval_batches = 2
   c.eval_batch_size = 1
-  c.checkpoint_every = 650  # step 1300 (before the 32k phase) is kept: a fork starts there
+  c.checkpoint_every = 500
   return c
