@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 24, twelfth session, call B (right after run_a.sh, same warm machine): retrieval_131k
+# Issue 24, thirteenth session, call B (right after run_a.sh, same warm machine): retrieval_131k
 # resumed to step 2900, then the model scored alone on the GPU at 32k and 131k, exact, the
 # paper's HyperAttention and select_blocks 8 x 64 in all layers but the first (prefill times
 # beside the accuracies), perplexity at 32k; its bf16 params exported.
-#   run: bash experiments/results/2026-12-02-h200-recipe3/run_b.sh   (writes to $OUT)
+#   run: bash experiments/results/2026-12-03-h200-recipe3/run_b.sh   (writes to $OUT)
 set -u
 START=$(date +%s)
 export PYTHONPATH=/tmp/site
@@ -12,7 +12,7 @@ T() { echo "$(date +%T) $*" >> $L/timeline.txt; }
 quiet() { tr '\r' '\n' | grep -v "INFO\|^I1\|^W1" | awk 'NR%20==1 || /rror|Traceback|{/'; }
 test -d /tmp/r131 || { echo "no /tmp/r131: the machine is not the one of call A"; exit 3; }
 T call B start
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 timeout -k 30 330 python3 -m experiments.lm.main \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 timeout -k 30 350 python3 -m experiments.lm.main \
   --config=experiments/lm/configs/retrieval_131k.py --workdir=/tmp/r131 2>&1 | quiet > $L/train_131k_b.log
 T train 131k done
 cp /tmp/r131/metrics.jsonl $L/metrics_r131.jsonl

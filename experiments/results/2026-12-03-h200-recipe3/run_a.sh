@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 24, twelfth session, call A (H200, 2026-12-02): the recipe with 1200 steps at 32k
+# Issue 24, thirteenth session, call A (H200, 2026-12-03): the recipe with 1200 steps at 32k
 # (retrieval_32k, 2500 steps) trained exact, scored exact at 8k-32k; then the same workdir
 # continued with retrieval_131k (400 steps at 131k) until the call's time is up; SIGTERM makes
 # it checkpoint, and call B (run_b.sh) resumes it on the same, still warm machine.
-#   run: bash experiments/results/2026-12-02-h200-recipe3/run_a.sh   (writes to $OUT)
+#   run: bash experiments/results/2026-12-03-h200-recipe3/run_a.sh   (writes to $OUT)
 set -u
 START=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
