@@ -34,8 +34,7 @@ from hyperattn_jax.merge import output_delta, part_cotangents
 from hyperattn_jax.perturbation import dense, flag, is_set, nonzero, primal_values
 
 __all__ = ["RowWindow", "blocked_attention", "blocked_attention_bwd", "blocked_attention_fwd",
-           "blocked_attention_xla", "softmax_out_lse", "grouped_rows", "sorted_rows", "unsort_rows",
-           "unsort_stats"]
+           "blocked_attention_xla", "softmax_out_lse", "grouped_rows", "unsort_rows"]
 
 _NEG_INF = float("-inf")
 
@@ -217,15 +216,10 @@ def _public(xg):
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
 
 
-def sorted_rows(x, perm, offset: int = 0):
-  """Rows of ``x`` ``[P, R, N, ...]`` in the order ``perm`` ``[P, Nkv, G, n]`` (local rows,
-  ``offset`` added; -1 gives a zero row) -> ``[P, n, N, ...]``; head ``kv * G + g`` follows
-  ``perm[:, kv, g]`` (for keys, ``G = 1`` and ``N = Nkv``)."""
-  return _public(grouped_rows(x, perm, offset))
-
-
 def unsort_rows(xs, perm, length: int):
-  """Inverse of :func:`sorted_rows`: ``xs`` ``[P, n, N, ...]`` -> ``[P, length, N, ...]``.
+  """Rows ``xs`` ``[P, n, N, ...]`` in the order ``perm`` ``[P, Nkv, G, n]`` (head ``kv * G + g``
+  following ``perm[:, kv, g]``; for keys, ``G = 1``) put back at their local rows -> ``[P,
+  length, N, ...]``: the inverse of ``_public(grouped_rows(x, perm))``.
 
   Every local row ``0 .. length-1`` must occur once in each ``perm[p, kv, g]``; -1 rows are
   dropped.
@@ -237,11 +231,6 @@ def unsort_rows(xs, perm, length: int):
   vals = jnp.moveaxis(xs.reshape((p, n, kh, g) + xs.shape[3:]), 1, 3)
   out = jnp.zeros((p, length) + xs.shape[2:], xs.dtype)
   return out.at[pi, rows, hi].set(vals, mode="drop", unique_indices=True)
-
-
-def unsort_stats(xs, perm, length: int):
-  """:func:`unsort_rows` of per-row statistics in the ``[P, N, n]`` layout."""
-  return jnp.swapaxes(unsort_rows(jnp.swapaxes(xs, 1, 2), perm, length), 1, 2)
 
 
 def _sorted_inputs(q, k, v, q_perm, k_perm, window):

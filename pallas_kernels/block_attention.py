@@ -10,10 +10,9 @@ The same kernels serve both GPU stages of HyperAttention, forward and backward:
 
 Rows by index: every kernel reads q, k, v (and dO, lse, delta) in the public layout
 ``[P, rows, heads, head_dim]`` / ``[P, heads, rows]`` and writes its results there, row by row.
-A tile's rows are either read from the sort permutations (``sorted``: the sortLSH order is
-never materialised, and the outputs land unsorted) or are consecutive (the base case, and the
-blocked stage on sorted copies made by XLA, kept to measure against). ``-1`` marks a padding
-row: it is loaded from row 0 and never stored.
+A tile's rows are either read from the sort permutations (``sorted``, the blocked stage: the
+sortLSH order is never materialised, and the outputs land unsorted) or are consecutive (the
+base case). ``-1`` marks a padding row: it is loaded from row 0 and never stored.
 
 Forward: each program owns ``block_q`` query rows of one (batch * kv_head, group head, block) and
 runs one online-softmax pass (fp32 statistics and accumulator) over the block's keys in chunks of
@@ -69,7 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hyperattn_jax.blocked import RowWindow, sorted_rows, unsort_rows, unsort_stats
+from hyperattn_jax.blocked import RowWindow
 from hyperattn_jax.folding import add_grads, fold_rows, merge_rows
 from hyperattn_jax.merge import output_delta
 
@@ -119,7 +118,7 @@ class _Geometry(NamedTuple):
   block_k: int
   tiles_per_block: int  # query tiles per block (block_q * tiles >= q_rows)
   chunks_per_block: int  # key chunks per block (block_k * chunks >= k_rows)
-  sorted: bool          # rows come from q_perm / k_perm (else consecutive)
+  sorted: bool          # rows come from q_perm / k_perm (the blocked stage; else consecutive)
   causal: bool          # within the block (base case only)
   num_warps: int
   num_stages: int
@@ -736,16 +735,11 @@ def _per_block(x, nb, size, value):
 class _Blocked(NamedTuple):
   inputs: _Inputs
   geo: _Geometry
-  to_rows: callable     # public-layout rows like q [P, Rq, N, ...] -> the kernel's rows
-  to_stats: callable    # [P, N, Rq] -> the kernel's rows
-  from_rows: callable   # inverses
-  from_stats: callable
-  from_keys: callable   # the kernel's key rows [P, ., Nkv, H] -> [P, k_len, Nkv, H]
 
 
 def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                    selection, *, block_size, window: RowWindow, sort_in_kernel, block_q, block_k,
-                    num_warps, num_stages):
+                    selection, *, block_size, window: RowWindow, block_q, block_k, num_warps,
+                    num_stages):
   p, _, n, h = q.shape
   kh, g = q_perm.shape[1], q_perm.shape[2]
   nb = k_perm.shape[-1] // block_size
@@ -777,8 +771,6 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
                     jnp.zeros((p * kh, nb), jnp.int32).at[rows, blk].max(col + 1)], axis=1)
   selected, select_chunks = (), 0
   if selection is not None:
-    if not sort_in_kernel:
-      raise ValueError("selection needs sort_in_kernel=True (rows by index)")
     # Each block's selected rows and their bias (0 kept, -inf not), padded to whole chunks; the
     # samples' bias becomes per block, -inf on the block's own and dropped samples.
     s_p = _round_up(selection.rows.shape[-1], block_k)
@@ -791,31 +783,14 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
     s_bias = _pad_to(jnp.where(out_of_residual, _NEG_INF, s_bias[:, None, :m]), 2, m_p,
                      _NEG_INF)                                            # [P * Nkv, nb, m_p]
   samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1), span)
-  common = dict(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, k_rows=block_size,
-                block_q=bq, block_k=block_k, tiles_per_block=qb_p // bq,
-                chunks_per_block=bs_p // block_k, causal=False, num_warps=num_warps,
-                num_stages=num_stages, key_bias=key_bias, select_chunks=select_chunks,
-                block_sample_bias=bool(select_chunks))
-  k_perm_g = k_perm[:, :, None]
-  if sort_in_kernel:
-    perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
-    geo = _Geometry(q_len=window.q_len, q_offset=window.q_offset, k_len=window.k_len,
-                    k_offset=window.k_offset, sorted=True, **common)
-    same = lambda x: x
-    return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo, same, same, same,
-                    same, same)
-  # Sorted copies made by XLA; the kernel reads consecutive rows of them.
-  n_q, n_k = q_perm.shape[-1], k_perm.shape[-1]
-  geo = _Geometry(q_len=n_q, q_offset=0, k_len=n_k, k_offset=0, sorted=False, **common)
-  inputs = _Inputs(sorted_rows(q, q_perm, window.q_offset), sorted_rows(k, k_perm_g,
-                                                                         window.k_offset),
-                   sorted_rows(v, k_perm_g, window.k_offset), bias, (), samples)
-  return _Blocked(inputs, geo, lambda x: sorted_rows(x, q_perm, window.q_offset),
-                  lambda x: jnp.swapaxes(sorted_rows(jnp.swapaxes(x, 1, 2), q_perm,
-                                                     window.q_offset), 1, 2),
-                  lambda x: unsort_rows(x, q_perm, window.q_len),
-                  lambda x: unsort_stats(x, q_perm, window.q_len),
-                  lambda x: unsort_rows(x, k_perm_g, window.k_len))
+  perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
+  geo = _Geometry(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, q_len=window.q_len,
+                  q_offset=window.q_offset, k_rows=block_size, k_len=window.k_len,
+                  k_offset=window.k_offset, block_q=bq, block_k=block_k,
+                  tiles_per_block=qb_p // bq, chunks_per_block=bs_p // block_k, sorted=True,
+                  causal=False, num_warps=num_warps, num_stages=num_stages, key_bias=key_bias,
+                  select_chunks=select_chunks, block_sample_bias=bool(select_chunks))
+  return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo)
 
 
 def _tile_kwargs(block_q, block_k, num_warps, num_stages):
@@ -834,15 +809,14 @@ def _folded(running, q, kind):
 
 
 def _in_place(lay, q):
-  """Whether the kernels can update running arrays: rows by index and no head_dim padding."""
-  return lay.geo.sorted and lay.inputs.q.shape[-1] == q.shape[-1]
+  """Whether the kernels can update running arrays: no head_dim padding."""
+  return lay.inputs.q.shape[-1] == q.shape[-1]
 
 
 def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                              log_weight, selection=None, *, scale: float, block_size: int,
-                             window: RowWindow, sort_in_kernel: bool = True, block_q: int = 64,
-                             block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                             into=None):
+                             window: RowWindow, block_q: int = 64, block_k: int = 64,
+                             num_warps: int = 4, num_stages: int = 2, into=None):
   """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention_fwd``.
 
   q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows in ``window``), q_perm
@@ -853,17 +827,16 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
   ``drop_samples`` ``[P, Nkv, nb, m]``, as ``hyperattn_jax.selection.Selection``), or None:
   each tile also attends to its block's selected rows, loaded by index. ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``): returned with the result merged into the window's query rows, in place
-  in the kernel (where it reads rows by index and head_dim needs no padding; else by XLA). Its
-  rows with lse ``-inf`` get weight 0 and must hold finite values (zeros, as written here).
-  ``sort_in_kernel=False`` gathers sorted copies in XLA first (the alternative, to compare).
+  in the kernel (where head_dim needs no padding; else by XLA). Its rows with lse ``-inf`` get
+  weight 0 and must hold finite values (zeros, as written here). The kernels read q, k, v (and
+  write the results) by index through the permutations: no sorted copies.
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         selection, block_size=block_size, window=window,
-                        sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   if into is None or not _in_place(lay, q):
     out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
-    out, lse = lay.from_rows(out)[..., :q.shape[-1]], lay.from_stats(lse)
+    out = out[..., :q.shape[-1]]
     return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
   parts = _folded(into, q, "out")
   out, lse = into
@@ -876,10 +849,9 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
 
 def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                                  log_weight, d_out, lse, delta, selection=None, *, scale: float,
-                                 block_size: int, window: RowWindow, sort_in_kernel: bool = True,
-                                 block_q: int = 64, block_k: int = 64, num_warps: int = 4,
-                                 num_stages: int = 2, sample_groups: int = 8, into=None,
-                                 weight_grad: bool = True):
+                                 block_size: int, window: RowWindow, block_q: int = 64,
+                                 block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                                 sample_groups: int = 8, into=None, weight_grad: bool = True):
   """The stage's gradients from the statistics of the merged result that contains it (its own,
   or a merge with other parts): same arguments and results as ``blocked.blocked_attention_bwd``
   (d_out ``[P, Rq, N, H]``, lse/delta ``[P, N, Rq]`` in q's rows).
@@ -898,7 +870,6 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   """
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         selection, block_size=block_size, window=window,
-                        sort_in_kernel=sort_in_kernel,
                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
   in_place = into is not None and _in_place(lay, q)
   running, geo = (), lay.geo
@@ -907,8 +878,7 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
     running, geo = tuple(fold_rows(x, parts) for x in into), geo._replace(accumulate=True)
   (d_out,) = _pad_head_dim(d_out)
   dq, dk, dv, (dks, dvs, dw), selected = _tile_backward(
-      lay.inputs, geo, lay.to_rows(d_out), lay.to_stats(_lse_base2(lse)),
-      lay.to_stats(delta.astype(jnp.float32)), scale=scale,
+      lay.inputs, geo, d_out, _lse_base2(lse), delta.astype(jnp.float32), scale=scale,
       sample_groups=_largest_divisor(geo.num_blocks, max(1, sample_groups // q.shape[0])),
       weight_grad=weight_grad, running=running)
   h, m = q.shape[-1], k_samp.shape[2]
@@ -922,7 +892,7 @@ def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_p
   if in_place:
     dk, dv = add_selected(dk, dv, window.k_offset)
     return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
-  dq, dk, dv = lay.from_rows(dq)[..., :h], lay.from_keys(dk)[..., :h], lay.from_keys(dv)[..., :h]
+  dq, dk, dv = dq[..., :h], dk[..., :h], dv[..., :h]
   dk, dv = add_selected(dk, dv, 0)
   if into is not None:
     dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)

@@ -89,15 +89,14 @@ def _dims(shape):
   return dims, n_valid, q_len, k_len
 
 
-@pytest.mark.parametrize("sort_in_kernel", [True, False])
 @pytest.mark.parametrize("shape,dtype,atol", BLOCKED_CASES)
-def test_blocked_kernel_matches_xla(seed, shape, dtype, atol, sort_in_kernel):
-  """Rows by index in the kernel, or XLA-sorted copies read in order: both == the XLA stage."""
+def test_blocked_kernel_matches_xla(seed, shape, dtype, atol):
+  """Rows loaded and stored by index in the kernel == the XLA stage."""
   dims, n_valid, q_len, k_len = _dims(shape)
   args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
   scale, bs = dims[-1] ** -0.5, dims[5]
   out, lse = blocked_attention_pallas(*args, scale=scale, block_size=bs, window=window,
-                                      sort_in_kernel=sort_in_kernel, block_q=32, block_k=16)
+                                      block_q=32, block_k=16)
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
   ref_out, ref_lse = _xla_stage(args, scale, bs, window)(q, k, v, k_s, v_s, log_w)
   assert out.shape == ref_out.shape == (q.shape[0], q_len) + q.shape[2:]
@@ -141,8 +140,7 @@ def test_key_bias_only_where_a_block_has_padding(seed, k_len, key_bias):
                                  k_len)
   assert window.all_keys_valid
   kw = dict(block_size=32, window=window, block_q=32, block_k=16)
-  lay = block_attention._blocked_inputs(*args, None, sort_in_kernel=True, num_warps=4, num_stages=2,
-                                        **kw)
+  lay = block_attention._blocked_inputs(*args, None, num_warps=4, num_stages=2, **kw)
   assert lay.geo.key_bias == key_bias
   out, lse = blocked_attention_pallas(*args, scale=0.25, **kw)
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
@@ -231,10 +229,9 @@ def _random_prior(seed, out, lse):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,dtype,tol,sort_in_kernel",
-                         [(s, d, 1e-5 if d == jnp.float32 else 2e-2, True)
-                          for s, d, _ in BLOCKED_CASES] + [(BLOCKED[2], jnp.float32, 1e-5, False)])
-def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_kernel):
+@pytest.mark.parametrize("shape,dtype,tol",
+                         [(s, d, 1e-5 if d == jnp.float32 else 2e-2) for s, d, _ in BLOCKED_CASES])
+def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol):
   """The stage's part of the gradient of its merge with another part: Pallas dq, dk, dv, sample
   dk/dv (partials over groups) and d log-weight from the merged statistics == XLA autodiff of
   the merge (window rows only: the kernels return the window's gradients)."""
@@ -251,8 +248,8 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol, sort_in_ke
   rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(
       *args, rows(d_out, 1), rows(lse, 2), rows(output_delta(out, d_out, d_lse), 2),
-      scale=scale, block_size=bs, window=window, sort_in_kernel=sort_in_kernel, block_q=16,
-      block_k=16, sample_groups=2 * q.shape[0])  # two partials per problem
+      scale=scale, block_size=bs, window=window, block_q=16, block_k=16,
+      sample_groups=2 * q.shape[0])  # two partials per problem
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 

@@ -12,8 +12,8 @@ latency included); also ``pipelined_ms``, the time per call of ``--reps`` calls 
 back with one synchronisation (the device time of a call inside a larger program). Inputs:
 random normal, bf16, [batch, n, heads, head_dim], drawn fresh per shape. ``--breakdown`` adds
 per-stage timings of HyperAttention, forward and backward (hash, sort+samples, blocked stage;
-base case, each causal level and its merge; the Pallas blocked kernels reading rows by index vs.
-on sorted copies); plot them with experiments/benchmarks/plot_breakdown.py.
+base case, each causal level and its merge; the Pallas blocked kernels alone, reading rows by
+index); plot them with experiments/benchmarks/plot_breakdown.py.
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) of each function.
 Plot with experiments/benchmarks/plot_bench.py.
 """
@@ -63,9 +63,9 @@ flags.DEFINE_float("time_cap_s", 2.0,
                    "Skip a variant's larger n once its median call time (s) exceeds this.")
 flags.DEFINE_bool("breakdown", False, "Also time HyperAttention's stages.")
 flags.DEFINE_list("breakdown_ns", [], "Lengths to break down (default: every n > min_seq_len).")
-flags.DEFINE_bool("breakdown_kernel_variants", True,
-                  "In the breakdown, also time the Pallas blocked kernels reading rows by index "
-                  "against the same kernels on sorted copies.")
+flags.DEFINE_bool("breakdown_kernels", True,
+                  "In the breakdown, also time the Pallas blocked kernels (rows by index) alone, "
+                  "forward and backward calls.")
 flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
@@ -138,8 +138,8 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   hash (once per call, also for all causal levels), sort (permutations) + samples, the blocked
   stage (reading rows by index, writing them back unsorted); causal adds the base case (by each
   kernel that can run it) and each level's merge. Backward = jit(forward+backward) -
-  jit(forward), per stage. For Pallas, optionally the blocked kernels on rows by index vs. on
-  sorted copies gathered (and scattered back) by XLA: forward and backward calls timed alone."""
+  jit(forward), per stage. For Pallas, optionally the blocked kernels (rows by index): forward and
+  backward calls timed alone."""
   scale = FLAGS.head_dim ** -0.5
 
   proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
@@ -176,25 +176,21 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
            "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw, *perms, pos, n_valid), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
-    if impl == "pallas" and FLAGS.breakdown_kernel_variants:
+    if impl == "pallas" and FLAGS.breakdown_kernels:
       args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
       kw = dict(scale=scale, block_size=bs, window=window)
-      for sort_in_kernel in (True, False):
-        name = "kernels_rows_by_index" if sort_in_kernel else "kernels_on_sorted_copies"
-        fwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_pallas(
-            *a, **kw, sort_in_kernel=s))
-        bwd = jax.jit(lambda *a, s=sort_in_kernel: pallas_kernels.blocked_attention_bwd_pallas(
-            *a, **kw, sort_in_kernel=s))
-        res[name] = {}
-        try:
-          out, lse = fwd(*args)
-          res[name]["fwd_ms"] = common.synchronised_ms(fwd, *args)[0]
-          in_q_rows = lambda x, axis: embed_rows(x, window.q_offset, qq.shape[1], axis)
-          stats = (in_q_rows(out, 1), in_q_rows(lse, 2),  # d_out = out, no d_lse
-                   in_q_rows(merge_lib.output_delta(out, out), 2))
-          res[name]["bwd_ms"] = common.synchronised_ms(bwd, *args, *stats)[0]
-        except Exception as e:  # pylint: disable=broad-except
-          res[name]["error"] = common.error_text(e, 300)
+      fwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_pallas(*a, **kw))
+      bwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_bwd_pallas(*a, **kw))
+      kernels = res["kernels_rows_by_index"] = {}
+      try:
+        out, lse = fwd(*args)
+        kernels["fwd_ms"] = common.synchronised_ms(fwd, *args)[0]
+        in_q_rows = lambda x, axis: embed_rows(x, window.q_offset, qq.shape[1], axis)
+        stats = (in_q_rows(out, 1), in_q_rows(lse, 2),  # d_out = out, no d_lse
+                 in_q_rows(merge_lib.output_delta(out, out), 2))
+        kernels["bwd_ms"] = common.synchronised_ms(bwd, *args, *stats)[0]
+      except Exception as e:  # pylint: disable=broad-except
+        kernels["error"] = common.error_text(e, 300)
     return res
 
   if not causal:
