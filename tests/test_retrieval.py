@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments.lm import data as data_lib
@@ -131,3 +132,11 @@ def test_retrieval_training_and_evaluation_end_to_end(tmp_path):
   for a, b in zip(jax.tree.leaves(restore(workdir)), jax.tree.leaves(restore(str(tmp_path /
                                                                                  "copy")))):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32)), b)
+  # Resuming the copy continues the schedule at step 4: the optimizer's step counts say 4.
+  state, _ = train_lib.create_state(config, train_lib.model_config(config), mesh)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  with ocp.CheckpointManager(str(tmp_path / "copy" / "checkpoints")) as manager:
+    restored = manager.restore(4, args=ocp.args.StandardRestore(abstract))
+  counts = [x for path, x in jax.tree_util.tree_leaves_with_path(restored["opt_state"])
+            if getattr(path[-1], "name", None) == "count"]
+  assert len(counts) == 2 and all(int(c) == 4 for c in counts)

@@ -6,8 +6,10 @@
 ``export`` writes the latest checkpoint's params, rounded to bfloat16 (the compute dtype of the
 example's models, so a bf16 model evaluates exactly as before), as ``parts`` ``.npz`` files plus
 ``config.json`` inside the first; ``import`` rebuilds a workdir (config + an orbax checkpoint of
-fresh optimizer state and those params) that ``eval_*.py`` can read. Optimizer state is not
-moved: an imported workdir is for evaluation, not for resuming training.
+those params at the exported step) that ``eval_*.py`` can read. The optimizer's moments are not
+moved (they would triple the files): training resumed from an imported workdir continues the
+learning-rate schedule at the exported step (the optimizer's step counts are set to it) with
+fresh Adam moments, which is close to, not the same as, the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ def import_params(files: list[str], workdir: str) -> int:
     bits = arrays[jax.tree_util.keystr(path)]
     return jnp.asarray(bits.view(jnp.bfloat16), x.dtype).reshape(x.shape)
 
+  def count(path, x):  # optax's step counts (adam's, the schedule's): continue at `step`
+    name = getattr(path[-1], "name", None)
+    return jnp.full_like(x, step) if name == "count" else x
+
   state["params"] = jax.tree_util.tree_map_with_path(load, state["params"])
+  state["opt_state"] = jax.tree_util.tree_map_with_path(count, state["opt_state"])
   state["step"] = jnp.asarray(step, jnp.int32)
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                   options=ocp.CheckpointManagerOptions(create=True))
