@@ -2,7 +2,8 @@
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.dot_product import dot_product_attention
-from hyperattn_jax.hyper import exact_attention, hyper_attention, merge_attention
+from hyperattn_jax.hyper import exact_attention, hyper_attention
+from hyperattn_jax.merge import merge_attention
 from hyperattn_jax.layers import HyperAttention, make_attention_fn
 from hyperattn_jax import nnx  # the flax NNX layer: hyperattn_jax.nnx.HyperAttention
 

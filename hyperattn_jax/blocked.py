@@ -15,14 +15,19 @@ Shapes (heads-major, grouped for GQA; ``nb`` key blocks, ``qb = q_len // nb`` qu
   qs       ``[batch, kv_heads, group, nb * qb, head_dim]``  sorted queries
   ks, vs   ``[batch, kv_heads, nb * block_size, head_dim]``  sorted keys; position >= n_valid
            is invalid (invalid keys are sorted last)
-  k_samp, v_samp ``[batch, kv_heads, sample_size, head_dim]`` sampled keys
-  samp_pos ``[batch, kv_heads, sample_size]`` int32 sorted positions of the samples
-  n_valid  ``[batch]`` int32 valid keys; log_weight ``[batch, kv_heads, sample_size]`` float32
+  samples  a ``plan.SampleSet``: k, v ``[batch, kv_heads, sample_size, head_dim]`` sampled keys,
+           pos ``[batch, kv_heads, sample_size]`` int32 their sorted positions, n_valid
+           ``[batch]`` int32 valid keys, log_weight ``[batch, kv_heads, sample_size]`` float32
   returns out like qs (qs.dtype) and lse ``[batch, kv_heads, group, nb * qb]`` float32.
+
+On rows by index (the public layout, the sort order given by a ``plan.SortPlan`` of
+permutations) the stage is :func:`blocked_attention` (custom VJP) over
+:func:`blocked_attention_fwd` / :func:`blocked_attention_bwd`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -66,11 +71,11 @@ class SelectedKeys(NamedTuple):
   drop_samples: jax.Array
 
 
-def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                          selected: SelectedKeys | None = None, *, scale: float,
-                          block_size: int):
+def blocked_attention_xla(qs, ks, vs, samples, selected: SelectedKeys | None = None, *,
+                          scale: float, block_size: int):
   """See the module docstring for shapes; ``selected``: the chosen keys of the
   ``select_blocks`` option, a third part of each block's softmax (or None)."""
+  k_samp, v_samp, samp_pos, n_valid = samples.k, samples.v, samples.pos, samples.n_valid
   b, kh, g, tq, h = qs.shape
   acc = jnp.promote_types(qs.dtype, jnp.float32)  # float32, or float64 for float64 inputs
   nb = ks.shape[2] // block_size
@@ -86,7 +91,7 @@ def blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_wei
   s_blk = jnp.where(blk_valid[:, None, :, None, :], s_blk, _NEG_INF)
 
   s_smp = jnp.einsum("bknqh,bkmh->bknqm", q5, k_samp, preferred_element_type=acc)
-  s_smp = s_smp * scale + log_weight[:, :, None, None, :]
+  s_smp = s_smp * scale + samples.log_weight[:, :, None, None, :]
   own_block = (samp_pos // block_size)[:, :, None, :] == jnp.arange(nb)[None, None, :, None]
   if selected is not None:
     own_block = own_block | selected.drop_samples
@@ -124,8 +129,7 @@ def _blocks_per_chunk(num_blocks: int, elements_per_block: int) -> int:
   return max(c for c in range(1, min(num_blocks, limit) + 1) if num_blocks % c == 0)
 
 
-def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, selected, d_out,
-                   lse, delta, *, scale, block_size):
+def _recompute_bwd(qs, ks, vs, samples, selected, d_out, lse, delta, *, scale, block_size):
   """Recompute-and-differentiate ``blocked_attention_xla`` over chunks of blocks (a scan), from
   the statistics ``lse``, ``delta`` ``[b, k, g, tq]`` of the merged result that contains the
   stage (its own, or a merge with other parts; ``merge.part_cotangents``).
@@ -137,7 +141,7 @@ def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, se
   """
   b, kh, g, tq, h = qs.shape
   nb = ks.shape[2] // block_size
-  qb, m = tq // nb, k_samp.shape[2]
+  qb, m = tq // nb, samples.k.shape[2]
   extra = 0 if selected is None else selected.k.shape[3]
   c = _blocks_per_chunk(nb, b * kh * g * qb * (block_size + m + extra))
   nc = nb // c
@@ -154,17 +158,18 @@ def _recompute_bwd(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight, se
     offset = i * c * block_size  # positions relative to the chunk's first key
     keep_c = None if sel_c is None else sel_c[2:]
     stage = lambda q, k, v, k_s, v_s, w, sel: blocked_attention_xla(
-        q, k, v, k_s, v_s, samp_pos - offset, n_valid - offset, w,
+        q, k, v, dataclasses.replace(samples, k=k_s, v=v_s, pos=samples.pos - offset,
+                                     n_valid=samples.n_valid - offset, log_weight=w),
         None if sel is None else SelectedKeys(*sel, *keep_c), scale=scale,
         block_size=block_size)
-    (o_c, l_c), vjp = jax.vjp(stage, q_c, k_c, v_c, k_samp, v_samp, log_weight,
+    (o_c, l_c), vjp = jax.vjp(stage, q_c, k_c, v_c, samples.k, samples.v, samples.log_weight,
                               None if sel_c is None else sel_c[:2])
     dq, dk, dv, *d_samples, d_sel = vjp(part_cotangents(o_c, l_c, lse_c, delta_c, do_c))
     acc = tuple(a + d.astype(jnp.float32) for a, d in zip(acc, d_samples))
     return acc, (dq, dk, dv, d_sel)
 
-  zeros = (jnp.zeros(k_samp.shape, jnp.float32), jnp.zeros(v_samp.shape, jnp.float32),
-           jnp.zeros(log_weight.shape, jnp.float32))
+  zeros = tuple(jnp.zeros(x.shape, jnp.float32)
+                for x in (samples.k, samples.v, samples.log_weight))
   (dks, dvs, dw), (dq, dk, dv, d_sel) = jax.lax.scan(
       body, zeros, (jnp.arange(nc), chunk_q(qs), chunk_k(ks), chunk_k(vs), chunk_q(d_out),
                     chunk_q(lse), chunk_q(delta), sel_chunks))
@@ -233,10 +238,10 @@ def unsort_rows(xs, perm, length: int):
   return out.at[pi, rows, hi].set(vals, mode="drop", unique_indices=True)
 
 
-def _sorted_inputs(q, k, v, q_perm, k_perm, window):
+def _sorted_inputs(q, k, v, sort, window):
   """qs ``[P, Nkv, G, n, H]``, ks/vs ``[P, Nkv, n_k, H]`` in sorted order."""
-  kp = k_perm[:, :, None]
-  return (grouped_rows(q, q_perm, window.q_offset),
+  kp = sort.k_perm[:, :, None]
+  return (grouped_rows(q, sort.q_perm, window.q_offset),
           grouped_rows(k, kp, window.k_offset)[:, :, 0],
           grouped_rows(v, kp, window.k_offset)[:, :, 0])
 
@@ -252,9 +257,8 @@ def _selected_keys(k, v, selection, window: RowWindow) -> SelectedKeys | None:
   return SelectedKeys(rows(k), rows(v), selection.keep, selection.drop_samples)
 
 
-def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                          selection, scale: float, block_size: int, window: RowWindow,
-                          implementation: str, into=None):
+def blocked_attention_fwd(q, k, v, sort, samples, selection, scale: float, block_size: int,
+                          window: RowWindow, implementation: str, into=None):
   """The forward of :func:`blocked_attention` (same arguments and results), not differentiable.
 
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
@@ -263,21 +267,19 @@ def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   """
   if implementation == "pallas":
     from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                    log_weight, selection, scale=scale, block_size=block_size,
-                                    window=window, into=into)
-  qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
-  out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                                   _selected_keys(k, v, selection, window), scale=scale,
-                                   block_size=block_size)
-  out = unsort_rows(_public(out), q_perm, window.q_len)
-  lse = unsort_rows(_public(lse), q_perm, window.q_len).swapaxes(1, 2)
+    return blocked_attention_pallas(q, k, v, sort.q_perm, sort.k_perm, samples.k, samples.v,
+                                    samples.pos, samples.n_valid, samples.log_weight, selection,
+                                    scale=scale, block_size=block_size, window=window, into=into)
+  qs, ks, vs = _sorted_inputs(q, k, v, sort, window)
+  out, lse = blocked_attention_xla(qs, ks, vs, samples, _selected_keys(k, v, selection, window),
+                                   scale=scale, block_size=block_size)
+  out = unsort_rows(_public(out), sort.q_perm, window.q_len)
+  lse = unsort_rows(_public(lse), sort.q_perm, window.q_len).swapaxes(1, 2)
   return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
 
 
-def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                          selection, d_out, lse, delta, scale: float, block_size: int,
-                          window: RowWindow, implementation: str, into=None,
+def blocked_attention_bwd(q, k, v, sort, samples, selection, d_out, lse, delta, scale: float,
+                          block_size: int, window: RowWindow, implementation: str, into=None,
                           weight_grad: bool = True):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
@@ -285,7 +287,8 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   and its statistics ``lse``, ``delta = rowsum(dO * O) - dlse`` ``[P, N, Rq]`` (``merge.py``),
   all in q's rows (the window's queries at ``window.q_offset``; no slice is copied). Returns
   dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows, float32 or the
-  inputs' dtype) and the float32 gradients of k_samp, v_samp and log_weight (None without
+  inputs' dtype) and the float32 gradients of the samples' k, v ``[P, Nkv, m, H]`` and
+  log_weight ``[P, Nkv, m]`` (None without
   ``weight_grad``: the Pallas kernels then skip its reduction). ``into``: running
   ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
@@ -293,18 +296,19 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   """
   if implementation == "pallas":
     from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
-                                        n_valid, log_weight, d_out, lse, delta, selection,
-                                        scale=scale,
-                                        block_size=block_size, window=window, into=into,
-                                        weight_grad=weight_grad)
-  qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
+    return blocked_attention_bwd_pallas(q, k, v, sort.q_perm, sort.k_perm, samples.k,
+                                        samples.v, samples.pos, samples.n_valid,
+                                        samples.log_weight, d_out, lse, delta, selection,
+                                        scale=scale, block_size=block_size, window=window,
+                                        into=into, weight_grad=weight_grad)
+  q_perm = sort.q_perm
+  qs, ks, vs = _sorted_inputs(q, k, v, sort, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
   dq, dk, dv, dks, dvs, dw, d_sel = _recompute_bwd(
-      qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
-      _selected_keys(k, v, selection, window), grouped_rows(d_out, q_perm, window.q_offset),
-      stats(lse), stats(delta), scale=scale, block_size=block_size)
-  kp = k_perm[:, :, None]
+      qs, ks, vs, samples, _selected_keys(k, v, selection, window),
+      grouped_rows(d_out, q_perm, window.q_offset), stats(lse), stats(delta), scale=scale,
+      block_size=block_size)
+  kp = sort.k_perm[:, :, None]
   dq = unsort_rows(_public(dq), q_perm, window.q_len)
   dk = unsort_rows(_public(dk[:, :, None]), kp, window.k_len)
   dv = unsort_rows(_public(dv[:, :, None]), kp, window.k_len)
@@ -325,19 +329,20 @@ def _add_selected(acc, vals, rows):
       vals, mode="drop")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14))
-def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                      selection, scale: float, block_size: int, window: RowWindow,
-                      implementation: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def blocked_attention(q, k, v, sort, samples, selection, scale: float, block_size: int,
+                      window: RowWindow, implementation: str):
   """The blocked stage on rows by index, with the chosen forward (``"xla"``/``"pallas"``).
 
   Args:
     q: ``[P, Rq, N, H]``; k, v: ``[P, Rk, Nkv, H]`` (public layout; the problem's rows are
       ``window``'s).
-    q_perm: ``[P, Nkv, G, nb * qb]`` int32 local query rows in sorted order (-1: padding row).
-    k_perm: ``[P, Nkv, nb * block_size]`` int32 local key rows in sorted order (-1: padding);
-      sorted positions ``>= n_valid`` are invalid keys, and -1 entries may only lie there.
-    k_samp, v_samp, samp_pos, n_valid, log_weight: as ``blocked_attention_xla``.
+    sort: a ``plan.SortPlan``: q_perm ``[P, Nkv, G, nb * qb]`` int32 local query rows in
+      sorted order (-1: padding row), k_perm ``[P, Nkv, nb * block_size]`` int32 local key
+      rows in sorted order (-1: padding); sorted positions ``>= samples.n_valid`` are invalid
+      keys, and -1 entries may only lie there.
+    samples: a ``plan.SampleSet`` (k, v, pos, n_valid, log_weight: as
+      ``blocked_attention_xla``).
     selection: the ``select_blocks`` option's ``selection.Selection`` (local key rows of the
       window), or None.
   Returns:
@@ -350,21 +355,19 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
   backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
   it by autodiff (the reference).
   """
-  return blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                               log_weight, selection, scale, block_size, window, implementation)
+  return blocked_attention_fwd(q, k, v, sort, samples, selection, scale, block_size, window,
+                               implementation)
 
 
-def _vjp_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, selection,
-             scale, block_size, window, implementation):
-  inputs, perturbed = primal_values((q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
-                                     n_valid, log_weight, selection))
+def _vjp_fwd(q, k, v, sort, samples, selection, scale, block_size, window, implementation):
+  inputs, perturbed = primal_values((q, k, v, sort, samples, selection))
   out, lse = blocked_attention_fwd(*inputs, scale, block_size, window, implementation)
-  return (out, lse), (inputs, out, lse, flag(perturbed[9]))
+  return (out, lse), (inputs, out, lse, flag(perturbed[4].log_weight))
 
 
 def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
   inputs, out, lse, weight_grad = res
-  q, k, v, _, _, k_samp, v_samp, _, _, log_weight, _ = inputs
+  q, k, v, _, samples, _ = inputs
   d_out, d_lse = dense(cotangents[0]), nonzero(cotangents[1])
   in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1])        # window -> q's rows
   stats_in_q_rows = lambda x: embed_rows(x, window.q_offset, q.shape[1], axis=2)
@@ -373,10 +376,12 @@ def _vjp_bwd(scale, block_size, window, implementation, res, cotangents):
       stats_in_q_rows(output_delta(out, d_out, d_lse)), scale, block_size, window,
       implementation, weight_grad=is_set(weight_grad))
   cast = lambda d, x: None if d is None else d.astype(x.dtype)
+  d_samples = dataclasses.replace(samples, k=cast(dks, samples.k), v=cast(dvs, samples.v),
+                                  pos=None, n_valid=None,
+                                  log_weight=cast(dw, samples.log_weight))
   return (cast(in_q_rows(dq), q),
           cast(embed_rows(dk, window.k_offset, k.shape[1]), k),
-          cast(embed_rows(dv, window.k_offset, v.shape[1]), v), None, None, cast(dks, k_samp),
-          cast(dvs, v_samp), None, None, cast(dw, log_weight), None)
+          cast(embed_rows(dv, window.k_offset, v.shape[1]), v), None, d_samples, None)
 
 
 blocked_attention.defvjp(_vjp_fwd, _vjp_bwd, symbolic_zeros=True)

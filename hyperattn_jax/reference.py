@@ -20,8 +20,8 @@ the block's queries, computed here from the dense per-query bounds) get their ex
 and a sampled key in such a run loses its sample weight. Summing unnormalised weights is what
 the log-sum-exp merges compute, so this matrix's softmax is the approximation's output.
 
-Shares only the random draws (``lsh.py``) with the fast path; block membership comes from sort
-ranks here, from gathers there. Memory is ``O(seq**2)``: small inputs only.
+Shares only the random draws (``lsh.py``, ``sampling.py``) with the fast path; block membership
+comes from sort ranks here, from gathers there. Memory is ``O(seq**2)``: small inputs only.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax import lsh
+from hyperattn_jax import sampling
 from hyperattn_jax import selection
+from hyperattn_jax.causal import causal_levels
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.hyper import causal_levels
 
 __all__ = ["reference_hyper_attention", "dense_attention", "lsh_blocks"]
 
@@ -104,8 +105,8 @@ def lsh_blocks(q, k, key_mask, rng, config, v=None, projections=None):
       v.transpose(0, 2, 1, 3), jnp.argsort(k_codes, axis=-1, stable=True)[..., None], axis=2)
   if vs_sorted is None:  # the uniform draw only needs the shape
     vs_sorted = jnp.zeros((b, kh, tk, 1), jnp.float32)
-  samp_pos, log_w = lsh.draw_samples(sample_rng, config.sampler, vs_sorted, n_valid,
-                                     config.sample_size)
+  samp_pos, log_w = sampling.draw_samples(sample_rng, config.sampler, vs_sorted, n_valid,
+                                          config.sample_size)
   hits = k_rank[..., :, None] == samp_pos[..., None, :]                # [B, Nkv, Tk, m]
   sample_w = jnp.sum(jnp.where(hits, jnp.exp(log_w)[..., None, :], 0.0), axis=-1)
   return q_rank // qb, k_block, jnp.repeat(sample_w, g, axis=1), q_rank
@@ -148,7 +149,7 @@ def _noncausal_log_weights(q, k, v, key_mask, rng, config, scale, projections=No
   # ApproxD: tau = the largest exact residual row sum over the drawn sorted query rows.
   b, tq, nq, _ = q.shape
   kh = k.shape[2]
-  rows = lsh.draw_rows(jax.random.split(rng, 3)[2], b, kh, tq, config.approx_d_rows)
+  rows = sampling.draw_rows(jax.random.split(rng, 3)[2], b, kh, tq, config.approx_d_rows)
   rows = jnp.repeat(rows, nq // kh, axis=1)                            # [B, Nq, r]
   drawn = jnp.any(q_rank[..., :, None] == rows[..., None, :], axis=-1)  # [B, Nq, Tq]
   residual = jax.nn.logsumexp(jnp.where(valid & ~same, s, _NEG_INF), axis=-1)

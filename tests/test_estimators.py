@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, hyper_attention
-from hyperattn_jax import blocked, hyper, lsh
+from hyperattn_jax import blocked, sampling
+from hyperattn_jax import causal as causal_lib
 from hyperattn_jax.reference import reference_hyper_attention
 
 SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min_seq_len=64,
@@ -63,7 +64,7 @@ def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
   v = jax.random.normal(jax.random.key(seed), (1, 1, n + 8, 4)) * jnp.linspace(0.2, 2.0, n + 8)[
       None, None, :, None]
   n_valid = jnp.array([n], jnp.int32)
-  pos, log_w = lsh.draw_samples(jax.random.key(seed + 1), "value_norm", v, n_valid, m)
+  pos, log_w = sampling.draw_samples(jax.random.key(seed + 1), "value_norm", v, n_valid, m)
   pos, w = np.asarray(pos[0, 0]), np.exp(np.asarray(log_w[0, 0], np.float64))
   assert pos.min() >= 0 and pos.max() < n and np.all(np.diff(pos) >= 0)
   sq = np.sum(np.asarray(v[0, 0, :n], np.float64) ** 2, axis=-1)
@@ -73,7 +74,7 @@ def test_value_norm_sampler_is_unbiased_and_follows_norms(seed):
   assert np.all(np.abs(freq - p) < 6 * np.sqrt(p * (1 - p) / m) + 1e-4)
   f = np.sin(np.arange(n)) + 2.0
   assert abs(np.sum(w * f[pos]) - f.sum()) / f.sum() < 0.05
-  empty = lsh.draw_samples(jax.random.key(0), "value_norm", v, jnp.array([0]), 8)[1]
+  empty = sampling.draw_samples(jax.random.key(0), "value_norm", v, jnp.array([0]), 8)[1]
   assert np.all(np.isneginf(np.asarray(empty)))
 
 
@@ -94,7 +95,7 @@ def test_log_weight_gradient_only_where_the_sampler_makes_it_differentiable(seed
     return bwd
 
   monkeypatch.setattr(blocked, "blocked_attention_bwd", spy(blocked.blocked_attention_bwd))
-  monkeypatch.setattr(hyper, "blocked_attention_bwd", spy(hyper.blocked_attention_bwd))
+  monkeypatch.setattr(causal_lib, "blocked_attention_bwd", spy(causal_lib.blocked_attention_bwd))
   q, k, v = make_qkv(seed, 1, 130, 130, 2, 1, 16)  # causal: 2 levels
   for sampler in ("uniform", "value_norm"):
     asked.clear()

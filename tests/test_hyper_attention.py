@@ -9,7 +9,8 @@ import pytest
 
 from conftest import jit_reference, make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
-from hyperattn_jax import exact, hyper
+from hyperattn_jax import causal as causal_lib
+from hyperattn_jax import exact
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 
 SMALL = HyperAttentionConfig(block_size=32, sample_size=16, lsh_num_projs=5, min_seq_len=64,
@@ -57,7 +58,7 @@ def test_lse_cotangent_only_where_the_lse_is_differentiated(seed, attend, monkey
       return real(q, k, v, key_mask, out, lse, d_out, d_lse, *args)
     return bwd
 
-  monkeypatch.setattr(hyper, "kernel_backward", spy(hyper.kernel_backward))
+  monkeypatch.setattr(causal_lib, "kernel_backward", spy(causal_lib.kernel_backward))
   monkeypatch.setattr(exact, "kernel_backward", spy(exact.kernel_backward))
   fn = (functools.partial(hyper_attention, rng=jax.random.key(seed), causal=True, config=SMALL)
         if attend == "hyper_causal" else

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperattn_jax import lsh
-from hyperattn_jax.hyper import _perms  # pylint: disable=protected-access
+from hyperattn_jax import lsh, sampling
+from hyperattn_jax.sorting import permutations
 
 
 def test_gray_neighbours_differ_in_one_bit():
@@ -57,7 +57,7 @@ def test_sort_is_stable():
 
 def test_samples_cover_only_valid_positions(seed):
   n_valid = jnp.array([5, 1000, 0], jnp.int32)
-  pos = np.asarray(lsh.draw_sample_positions(jax.random.key(seed), n_valid, 2, 4000))
+  pos = np.asarray(sampling.draw_sample_positions(jax.random.key(seed), n_valid, 2, 4000))
   assert pos[0].max() < 5 and pos[0].min() >= 0 and len(np.unique(pos[0])) == 5
   assert pos[1].max() < 1000 and len(np.unique(pos[1])) > 900
   assert np.all(np.diff(pos, axis=-1) >= 0)  # ascending: each block's samples are consecutive
@@ -91,7 +91,7 @@ def test_perms_are_the_stable_sorts_with_padding_last(seed, num_projs, masked, r
            for shape in ((2, 3, 2, 50), (2, 3, 45))]
   for code in codes:
     code[..., ::7] = code[..., 1:2]  # ties: the stable order keeps rows ascending
-  fn = lambda *c: _perms(c, rows, num_projs, masked)
+  fn = lambda *c: permutations(c, rows, num_projs, masked)
   assert _sort_operand_types(jax.make_jaxpr(fn)(*codes).jaxpr) == [key_type] * sorts
   perms = jax.jit(fn)(*codes)
   for code, perm, r in zip(codes, perms, rows):
@@ -108,7 +108,7 @@ def test_perms_row_index_value_fits_the_rows(seed, rows, value_type):
   rng = np.random.default_rng(seed)
   codes = (rng.integers(0, 2 ** 7, size=(2, rows)).astype(np.int32),
            rng.integers(0, 2 ** 7, size=(1, 300)).astype(np.int32))
-  fn = lambda *c: _perms(c, (rows, 300), 7, False)
+  fn = lambda *c: permutations(c, (rows, 300), 7, False)
   assert _sort_operand_types(jax.make_jaxpr(fn)(*codes).jaxpr, operand=1) == [value_type]
   for code, perm in zip(codes, jax.jit(fn)(*codes)):
     np.testing.assert_array_equal(np.asarray(perm), np.argsort(code, axis=-1, kind="stable"))

@@ -20,6 +20,7 @@ from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.exact import flash_attention, kernel_backward
 from hyperattn_jax.folding import embed_rows, fold_rows, fold_stats, unfold_stats
 from hyperattn_jax.merge import merge_attention, output_delta
+from hyperattn_jax.plan import SampleSet, SortPlan
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
 from pallas_kernels import block_attention
 from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
@@ -59,11 +60,18 @@ def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_l
   return (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w), window
 
 
+def _stage_args(args):
+  """The blocked stage's (q, k, v, sort plan, sample set) of the kernels' flat arguments."""
+  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  return q, k, v, SortPlan(q_perm, k_perm), SampleSet(k_s, v_s, pos, n_valid, log_w)
+
+
 def _xla_stage(args, scale, bs, window):
   """The XLA forward without the custom VJP (plain autodiff is the gradient reference)."""
-  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  _, _, _, sort, samples = _stage_args(args)
   return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, None, scale, bs, window, "xla")
+      q, k, v, sort, dataclasses.replace(samples, k=k_s, v=v_s, log_weight=w), None, scale, bs,
+      window, "xla")
 
 
 def _assert_lse_close(lse, ref, atol):
@@ -267,7 +275,7 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   scale, bs, parts = dims[-1] ** -0.5, dims[5], q.shape[0]  # P problems = 1 row x P parts
   unfold = lambda x: x.reshape((1, -1) + x.shape[2:])
   fwd = lambda into=None: blocked_lib.blocked_attention_fwd(
-      *args, None, scale, bs, window, implementation, into=into)
+      *_stage_args(args), None, scale, bs, window, implementation, into=into)
   o_d, l_d = fwd()
   prior_out, prior_lse = _random_prior(seed, jnp.zeros_like(q), jnp.zeros(
       (q.shape[0], q.shape[2], q.shape[1])))
@@ -288,7 +296,8 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   lse_rows = jnp.where(jnp.isfinite(prior_lse), prior_lse, 0.0) + 2.0
   delta = jax.random.normal(jax.random.key(seed + 5), lse_rows.shape)
   bwd = lambda into=None: blocked_lib.blocked_attention_bwd(
-      *args, None, d_out, lse_rows, delta, scale, bs, window, implementation, into=into)
+      *_stage_args(args), None, d_out, lse_rows, delta, scale, bs, window, implementation,
+      into=into)
   dq, dk, dv, *samples = bwd()
   grads_in = tuple(jax.random.normal(jax.random.key(seed + 9 + i), unfold(x).shape)
                    for i, x in enumerate((q, k, v)))
@@ -346,8 +355,8 @@ def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
     return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
 
   fast = lambda q, k, v, k_s, v_s, log_w: blocked_attention(
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, None, 0.35, 16, window,
-      implementation)
+      q, k, v, SortPlan(q_perm, k_perm), SampleSet(k_s, v_s, pos, n_valid, log_w), None, 0.35,
+      16, window, implementation)
   plain = _xla_stage(args, 0.35, 16, window)
   grads = lambda stage: jax.jit(jax.grad(functools.partial(loss, stage),
                                           argnums=tuple(range(6))))(*diff)

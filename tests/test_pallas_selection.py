@@ -20,7 +20,7 @@ from pallas_kernels import blocked_attention_bwd_pallas, blocked_attention_palla
 from test_options import SMALL, _mask
 from test_pallas_kernels import (BLOCKED, _assert_grads_close, _assert_lse_close,
                                  _blocked_inputs, _cotangents, _dims, _random_prior,
-                                 _window_grads)
+                                 _stage_args, _window_grads)
 
 
 def _random_selection(seed, args, window, nb, s):
@@ -38,9 +38,10 @@ def _random_selection(seed, args, window, nb, s):
 
 def _stage(args, selection, scale, bs, window):
   """The XLA stage with the selection (plain autodiff of it is the gradient reference)."""
-  q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w = args
+  _, _, _, sort, samples = _stage_args(args)
   return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
-      q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, w, selection, scale, bs, window, "xla")
+      q, k, v, sort, dataclasses.replace(samples, k=k_s, v=v_s, log_weight=w), selection, scale,
+      bs, window, "xla")
 
 
 SELECT_CASES = [  # shape, selected rows per block, dtype, forward atol, gradient tolerance
