@@ -32,11 +32,13 @@ import jax.numpy as jnp
 
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
 from hyperattn_jax import blocked as blocked_lib
+from hyperattn_jax import causal as causal_lib
 from hyperattn_jax import cudnn as cudnn_lib
 from hyperattn_jax import exact as exact_lib
-from hyperattn_jax import hyper as hyper_lib
 from hyperattn_jax import lsh
 from hyperattn_jax import merge as merge_lib
+from hyperattn_jax import plan as plan_lib
+from hyperattn_jax import sorting
 from hyperattn_jax.blocked import RowWindow
 from hyperattn_jax.folding import embed_rows
 from hyperattn_jax.sharding import head_sharded_hyper_attention
@@ -103,7 +105,7 @@ def _flops(n: int, causal: bool, mode: str, impl: str, config) -> float:
     per_query = (config.block_size + config.sample_size
                  + config.select_blocks * config.select_block_size)
     if causal:
-      levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
+      levels, base = causal_lib.causal_levels(n, config.min_seq_len)
       keys = 2 ** levels * base * base / 2 + levels * (n / 2) * per_query
     else:
       keys = n * per_query
@@ -134,7 +136,7 @@ def _fwd_bwd_ms(fn, args, n_diff: int):
 
 
 def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
-  """Forward and backward times of HyperAttention's stages (the functions of ``hyper.py``):
+  """Forward and backward times of HyperAttention's stages (the library's stage functions):
   hash (once per call, also for all causal levels), sort (permutations) + samples, the blocked
   stage (reading rows by index, writing them back unsorted); causal adds the base case (by each
   kernel that can run it) and each level's merge. Backward = jit(forward+backward) -
@@ -143,41 +145,36 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   scale = FLAGS.head_dim ** -0.5
 
   proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
-  hash_fn = lambda q, k, proj: hyper_lib._sort_keys(  # pylint: disable=protected-access
-      q, k, None, proj)
+  hash_fn = lambda q, k, proj: sorting.sort_keys(q, k, None, proj)
   hashed = {"hash": _fwd_bwd_ms(hash_fn, (q, k, proj), 0)}  # once per call, for every level
   q_code, k_code = jax.jit(hash_fn)(q, k, proj)
 
   def noncausal_stages(qq, kk, vv, window, codes):
     b, _, nq, hd = qq.shape
-    kh = kk.shape[2]
-    tq, tk = window.q_len, window.k_len
     bs, m = config.block_size, config.sample_size
-    nb = -(-tk // bs)
-    qb = -(-tq // nb)
-    n_valid = jnp.full((b,), tk, jnp.int32)
-    qc, kc = codes
 
-    def sort_sample(kk, vv, qc, kc):
-      q_perm, k_perm = hyper_lib._perms(  # pylint: disable=protected-access
-          (qc, kc), (nb * qb, nb * bs), config.lsh_num_projs, masked=False)
-      pos, lw = lsh.draw_samples(rng, "uniform", jnp.zeros((b, kh, nb * bs, 1)), n_valid, m)
-      samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
-      take = lambda x: blocked_lib.grouped_rows(x, samp_rows, window.k_offset)[:, :, 0]
-      return take(kk), take(vv), lw, q_perm, k_perm, pos
+    def sort_sample(kk, vv, qq, qc, kc):  # the plan from the hashed codes, its samples' rows
+      plan = plan_lib.build_plan(qq, kk, vv, None, rng, config, window, impl, (qc, kc))
+      return plan.sort, plan.samples.gather(kk, vv, window)
+
+    def sample_rows(*a):  # what the backward differentiates: the samples' k/v rows
+      samples = sort_sample(*a)[1]
+      return samples.k, samples.v, samples.log_weight
     # Arrays enter every timed function as arguments (closed-over arrays would be constants
     # that XLA tries to fold, e.g. whole sorts at compile time).
-    k_s, v_s, lw, q_perm, k_perm, pos = jax.jit(sort_sample)(kk, vv, qc, kc)
-    perms = (q_perm, k_perm)
-    blocked = lambda qq, kk, vv, k_s, v_s, lw, q_perm, k_perm, pos, n_valid: (
-        blocked_lib.blocked_attention(qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw,
-                                      None, scale, bs, window, impl))
-    res = {"sort_samples": _fwd_bwd_ms(lambda *a: sort_sample(*a)[:3], (kk, vv, qc, kc), 2),
-           "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw, *perms, pos, n_valid), 6)}
-    res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
+    sort, samples = jax.jit(sort_sample)(kk, vv, qq, *codes)
+    blocked = lambda qq, kk, vv, k_s, v_s, lw, sort, pos, n_valid: blocked_lib.blocked_attention(
+        qq, kk, vv, sort, plan_lib.SampleSet(k_s, v_s, pos, n_valid, lw), None, scale, bs, window,
+        impl)
+    res = {"sort_samples": _fwd_bwd_ms(sample_rows, (kk, vv, qq, *codes), 2),
+           "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, samples.k, samples.v,
+                                            samples.log_weight, sort, samples.pos,
+                                            samples.n_valid), 6)}
+    res["blocked"]["fwd_tflops"] = (4 * b * nq * window.q_len * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
     if impl == "pallas" and FLAGS.breakdown_kernels:
-      args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
+      args = (qq, kk, vv, sort.q_perm, sort.k_perm, samples.k, samples.v, samples.pos,
+              samples.n_valid, samples.log_weight)
       kw = dict(scale=scale, block_size=bs, window=window)
       fwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_pallas(*a, **kw))
       bwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_bwd_pallas(*a, **kw))
@@ -196,7 +193,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   if not causal:
     return {"noncausal": {**hashed, **noncausal_stages(
         q, k, v, RowWindow(0, n, 0, n, all_keys_valid=True), (q_code, k_code))}}
-  levels, base = hyper_lib.causal_levels(n, config.min_seq_len)
+  levels, base = causal_lib.causal_levels(n, config.min_seq_len)
   b, _, nq, hd = q.shape
   fold = lambda x: x[:, :base * 2 ** levels].reshape((b * 2 ** levels, base) + x.shape[2:])
   # The base case by each kernel that can run it (the library picks cuDNN where it can); the
@@ -215,13 +212,13 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
     level = noncausal_stages(pairs(q), pairs(k), pairs(v),
                              RowWindow(half, half, 0, half, all_keys_valid=True),
-                             hyper_lib.level_codes(q_code, k_code, parts))
+                             causal_lib.level_codes(q_code, k_code, parts))
     lse = jnp.zeros((b * parts, nq, half), jnp.float32)
     qd = pairs(q)[:, half:]
     # Forward only: the recursion's VJP starts every part from the final (out, lse), so no
     # merge is differentiated.
     if impl == "xla":  # the Pallas kernel merges into the running result in place (no pass)
-      level["merge"] = _fwd_bwd_ms(hyper_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
+      level["merge"] = _fwd_bwd_ms(merge_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
     result["levels"].append(level)
   return result
 

@@ -26,8 +26,9 @@ import numpy as np
 
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax import exact as exact_lib
-from hyperattn_jax import lsh
 from hyperattn_jax import merge as merge_lib
+from hyperattn_jax import plan as plan_lib
+from hyperattn_jax import sampling
 from experiments import provenance
 from experiments.benchmarks import common
 import pallas_kernels
@@ -66,7 +67,7 @@ def _blocked_inputs(rng):
   q_perm = perm(kr)[None, :, None]
   k_perm = perm(jax.random.fold_in(kr, 1))[None]
   n_valid = jnp.array([n], jnp.int32)
-  pos = lsh.draw_sample_positions(kp, n_valid, h, m)
+  pos = sampling.draw_sample_positions(kp, n_valid, h, m)
   rows = jnp.take_along_axis(k_perm, pos, axis=-1)[:, :, None]
   k_s = blocked_lib.grouped_rows(k, rows)[:, :, 0]
   v_s = blocked_lib.grouped_rows(v, rows)[:, :, 0]
@@ -91,7 +92,8 @@ def _cases(b_args, b_kw, base_args, scale):
   the jitted functions as an argument (closed-over arrays become constants XLA may fold)."""
   def xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w):
     return blocked_lib.blocked_attention_fwd(
-        q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w, None, b_kw["scale"],
+        q, k, v, plan_lib.SortPlan(q_perm, k_perm),
+        plan_lib.SampleSet(k_s, v_s, pos, n_valid, log_w), None, b_kw["scale"],
         b_kw["block_size"], b_kw["window"], "xla")
   xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
   if FLAGS.phase == "fwd":
