@@ -13,7 +13,6 @@ These are the XLA forms; the Pallas kernels merge and add into the accumulators 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from hyperattn_jax.merge import merge_attention

@@ -2,23 +2,28 @@
 
 Public layout ``[batch, seq, heads, head_dim]`` (as ``jax.nn.dot_product_attention``) from end
 to end: the sort order is carried as permutations (local row indices), never as sorted copies
-of q/k/v; GQA without repeating K/V (query head ``kv * G + g`` uses kv head ``kv``). The
-algorithm's stages, one file each, in the order they run:
+of q/k/v; GQA without repeating K/V (query head ``kv * G + g`` uses kv head ``kv``).
 
-  0. ``plan.py``: the plan of one approximation (the draws from ``rng``, the sort order) as
-     pytrees, built from the stages below: ``lsh.py`` hashing (angular LSH, Gray-code rank),
-     ``sorting.py`` the stable radix sorts of q's and k's rows (permutations ``q_perm [B, Nkv,
-     G, rows]``, ``k_perm [B, Nkv, keys]``, invalid keys last), ``sampling.py`` the samples
-     (uniform or ``|v|^2``) and ApproxD's rows, ``selection.py`` the ``select_blocks`` option;
-  1. ``blocked.py``: the blocked stage: the i-th sorted query block attends to the i-th sorted
-     key block and to the shared samples (reweighted, own-block samples masked), in one
-     softmax, reading rows by index (XLA there, ``pallas_kernels`` on GPU), the outputs written
-     back to the unsorted rows by the same index; ``approx_d.py`` the ``"approx_d"`` normaliser;
-  2. ``merge.py``: the log-sum-exp merge of attentions over disjoint key sets;
-  3. ``noncausal.py``: the non-causal orchestration (plan, blocked stage, sinks merged in);
-  4. ``causal.py``: the causal recursion (base case first, then batched levels as row windows
-     of the folded views, ``folding.py``, merged into the running (out, lse); one custom VJP
-     from the final (out, lse)).
+The algorithm's stages, one file each:
+
+Non-causal (``noncausal.py``):
+  0+1. the plan (``plan.py``: pytrees, one builder): the LSH hyperplanes and the samples drawn
+     from ``rng`` (``sampling.py``: uniform or ``|v|^2``, ApproxD's rows); sortLSH: hash q and
+     k (``lsh.py``: angular LSH, Gray rank of the bucket) and stable-sort both (``sorting.py``,
+     invalid keys last): the permutations ``q_perm [B, Nkv, G, rows]``, ``k_perm [B, Nkv,
+     keys]``; the ``select_blocks`` option's keys (``selection.py``);
+  2+3. the blocked stage (``blocked.py``): the i-th sorted query block attends to the i-th
+     sorted key block and to the shared samples (reweighted, own-block samples masked), in one
+     softmax, reading rows by index (XLA there, ``pallas_kernels`` on GPU); the ``"approx_d"``
+     normaliser (``approx_d.py``);
+  4. the outputs are written back to the unsorted rows by the same index.
+Causal (``causal.py``): every query and key is hashed once; first, exact causal attention on
+the ``2**L`` diagonal base blocks (``exact.py``: cuDNN on GPU where it can run it, else the
+Pallas/XLA flash loops) starts the running (out, lse); then for each recursion level ``d`` the
+``2**d`` lower-left quadrants at once, batched (row windows of the folded views of the same
+arrays, ``folding.py``), through the non-causal stages, merged into the running (out, lse) by
+log-sum-exp (``merge.py``; in place, inside the Pallas kernel). One custom VJP covers the whole
+recursion: every part's backward starts from the final (out, lse) and adds into one dq/dk/dv.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ def sort_keys(q, k, key_mask, projections):
 
 
 # 16-bit sorts of one call/level at most (each is a few kernel launches; at 1M causal, whose
-# finest level takes 16, they measured faster than one 32-bit sort: see HISTORY); beyond, one
-# 32-bit sort.
+# finest level takes 16, they measured faster than one 32-bit sort: HISTORY, "Moved from code
+# comments"); beyond, one 32-bit sort.
 _MAX_SORTS = 16
 
 
@@ -78,7 +78,8 @@ def _radix_perms(padded, counts, code_bits: int, key_type, per_sort: int):
   of each array ``[..., rows]`` int32."""
   keys, index = [], []
   # The row index rides along in 16 bits where every array's rows fit (cub's sorts measured
-  # faster with 16-bit values than with 32-bit ones: see HISTORY), else 32.
+  # faster with 16-bit values than with 32-bit ones: see HISTORY, "Moved from code comments"),
+  # else 32.
   value_type = jnp.uint16 if max(c.shape[-1] for c in padded) <= 2 ** 16 else jnp.uint32
   for c, first, count in zip(padded, itertools.accumulate([0] + counts), counts):
     segment = (first + jnp.arange(count, dtype=jnp.uint32)) % per_sort
