@@ -57,6 +57,61 @@ def causal_levels(seq_len: int, min_seq_len: int) -> tuple[int, int]:
   return levels, _cdiv(seq_len, 2 ** levels)
 
 
+def hyper_causal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale, implementation):
+  """Causal approximate attention: q ``[B, T, Nq, H]``, k/v ``[B, T, Nkv, H]``, key_mask ``[B,
+  T]`` or None -> out ``[B, T, Nq, H]``, lse ``[B, Nq, T]`` (``T > config.min_seq_len``).
+
+  T is padded to ``base * 2**L`` (:func:`causal_levels`); every query and key is hashed once
+  and each level's plan built from its slice of the codes (samples from ``fold_in(rng, d)``);
+  then the recursion (:func:`_causal_recursion`) on the padded arrays.
+  """
+  b, t, _, h = q.shape
+  levels, base = causal_levels(t, config.min_seq_len)
+  tp = base * 2 ** levels
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+  q, k, v = pad(q), pad(k), pad(v)
+  # No mask where every key is valid: the sort codes then need no bit for masked keys.
+  level_mask = (None if key_mask is None and tp == t
+                else pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask))
+  options = bool(config.sink_size or config.local_window)
+
+  # Every query and key is hashed once, with one set of hyperplanes for all levels.
+  projections = lsh.draw_projections(rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
+  q_code, k_code = sorting.sort_keys(q, k, level_mask, projections)
+  # A window promises valid keys only without a key mask, padding and options (no per-key
+  # bias then).
+  windows = tuple(_level_window(tp, d, level_mask is None and not options)
+                  for d in range(levels))
+  plans = []
+  for d, (parts, window) in enumerate(windows):
+    fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
+    mask = _level_key_mask(level_mask, b, parts, window.k_len, config)
+    q_codes, k_codes = level_codes(q_code, k_code, parts)
+    if options:  # the exactly attended keys sort last, like masked ones
+      k_codes = jnp.where(mask[:, None, :], k_codes, 2 ** config.lsh_num_projs)
+    plans.append(build_plan(fold(q), fold(k), fold(v), mask, jax.random.fold_in(rng, d), config,
+                            window, implementation, (q_codes, k_codes)))
+  # Padding keys lie after every real query, so without a key mask the causal mask alone
+  # excludes them from the base case (which lets cuDNN run it).
+  base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
+  out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
+                               _Recursion(config, scale, implementation, windows,
+                                          _exact_windows(tp, windows, config)))
+  return out[:, :t], lse[..., :t]
+
+
+# ----------------------------------------------------------------------------------------------
+# The levels (row windows of folded views, their codes and key masks) and the options' exact parts
+
+
+def _level_window(t: int, d: int, all_keys_valid: bool) -> tuple[int, RowWindow]:
+  """Level ``d`` of a padded length ``t``: ``2**d`` pairs of halves; each quadrant's queries
+  are rows ``[half, 2 half)`` of its pair, its keys rows ``[0, half)``."""
+  parts = 2 ** d
+  half = t // (2 * parts)
+  return parts, RowWindow(half, half, 0, half, all_keys_valid)
+
+
 def _split_halves(x, parts, axis):
   """View ``axis`` (length ``parts * 2 * half``) as (first halves, second halves) of parts."""
   shape = x.shape[:axis] + (parts, 2, x.shape[axis] // (2 * parts)) + x.shape[axis + 1:]
@@ -76,21 +131,17 @@ def level_codes(q_code, k_code, parts: int):
           fold_parts(_split_halves(k_code, parts, k_code.ndim - 1)[0]))
 
 
-def _level_window(t: int, d: int, all_keys_valid: bool) -> tuple[int, RowWindow]:
-  """Level ``d`` of a padded length ``t``: ``2**d`` pairs of halves; each quadrant's queries
-  are rows ``[half, 2 half)`` of its pair, its keys rows ``[0, half)``."""
-  parts = 2 ** d
-  half = t // (2 * parts)
-  return parts, RowWindow(half, half, 0, half, all_keys_valid)
-
-
-class _Recursion(NamedTuple):
-  """The static part of a causal recursion call."""
-  config: HyperAttentionConfig
-  scale: float
-  implementation: str
-  levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
-  exact_parts: tuple  # (parts, RowWindow) of the exactly attended keys (``_exact_windows``)
+def _level_key_mask(mask, batch: int, parts: int, half: int, config: HyperAttentionConfig):
+  """A level's key mask ``[batch * parts, half]`` (``mask``: the padded sequence's ``[batch,
+  T]`` or None) less the keys the options attend exactly: the band's last ``local_window`` keys
+  of every left half, the sinks in the first problem of every batch row. None: all valid."""
+  if not (config.sink_size or config.local_window):
+    return None if mask is None else fold_rows(mask, parts)[:, :half]
+  pos = jnp.arange(half)
+  first = jnp.arange(batch * parts) % parts == 0
+  keep = ((pos < half - config.local_window)[None, :] &
+          ~((pos < config.sink_size)[None, :] & first[:, None]))
+  return keep if mask is None else fold_rows(mask, parts)[:, :half] & keep
 
 
 def _exact_windows(t: int, levels, config: HyperAttentionConfig) -> tuple:
@@ -109,17 +160,17 @@ def _exact_windows(t: int, levels, config: HyperAttentionConfig) -> tuple:
   return tuple(parts)
 
 
-def _level_key_mask(mask, batch: int, parts: int, half: int, config: HyperAttentionConfig):
-  """A level's key mask ``[batch * parts, half]`` (``mask``: the padded sequence's ``[batch,
-  T]`` or None) less the keys the options attend exactly: the band's last ``local_window`` keys
-  of every left half, the sinks in the first problem of every batch row. None: all valid."""
-  if not (config.sink_size or config.local_window):
-    return None if mask is None else fold_rows(mask, parts)[:, :half]
-  pos = jnp.arange(half)
-  first = jnp.arange(batch * parts) % parts == 0
-  keep = ((pos < half - config.local_window)[None, :] &
-          ~((pos < config.sink_size)[None, :] & first[:, None]))
-  return keep if mask is None else fold_rows(mask, parts)[:, :half] & keep
+class _Recursion(NamedTuple):
+  """The static part of a causal recursion call."""
+  config: HyperAttentionConfig
+  scale: float
+  implementation: str
+  levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
+  exact_parts: tuple  # (parts, RowWindow) of the exactly attended keys (``_exact_windows``)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward: base case, exact parts, then the levels merged into the running result
 
 
 def _window_views(x, parts: int, window: RowWindow):
@@ -169,6 +220,10 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
       running = merge_rows(running, *attend_blocks(fq, fk, fv, plan, rec.config, rec.scale,
                                                    rec.implementation, window), window.q_offset)
   return running
+
+
+# ----------------------------------------------------------------------------------------------
+# One VJP for the whole recursion, from the final (out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -264,40 +319,3 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
 
 
 _causal_recursion.defvjp(_recursion_fwd, _recursion_bwd, symbolic_zeros=True)
-
-
-def hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
-  b, t, _, h = q.shape
-  levels, base = causal_levels(t, config.min_seq_len)
-  tp = base * 2 ** levels
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
-  q, k, v = pad(q), pad(k), pad(v)
-  # No mask where every key is valid: the sort codes then need no bit for masked keys.
-  level_mask = (None if key_mask is None and tp == t
-                else pad(jnp.ones((b, t), jnp.bool_) if key_mask is None else key_mask))
-  options = bool(config.sink_size or config.local_window)
-
-  # Every query and key is hashed once, with one set of hyperplanes for all levels.
-  projections = lsh.draw_projections(rng_streams(rng)[0], k.shape[2], h, config.lsh_num_projs)
-  q_code, k_code = sorting.sort_keys(q, k, level_mask, projections)
-  # A window promises valid keys only without a key mask, padding and options (no per-key
-  # bias then).
-  windows = tuple(_level_window(tp, d, level_mask is None and not options)
-                  for d in range(levels))
-  plans = []
-  for d, (parts, window) in enumerate(windows):
-    fold = lambda x: fold_rows(x, parts)  # pylint: disable=cell-var-from-loop
-    mask = _level_key_mask(level_mask, b, parts, window.k_len, config)
-    q_codes, k_codes = level_codes(q_code, k_code, parts)
-    if options:  # the exactly attended keys sort last, like masked ones
-      k_codes = jnp.where(mask[:, None, :], k_codes, 2 ** config.lsh_num_projs)
-    plans.append(build_plan(fold(q), fold(k), fold(v), mask,
-                       jax.random.fold_in(rng, d), config, window, implementation,
-                       (q_codes, k_codes)))
-  # Padding keys lie after every real query, so without a key mask the causal mask alone
-  # excludes them from the base case (which lets cuDNN run it).
-  base_mask = None if key_mask is None else fold_rows(level_mask, 2 ** levels)
-  out, lse = _causal_recursion(q, k, v, tuple(plans), base_mask,
-                               _Recursion(config, scale, implementation, windows,
-                                          _exact_windows(tp, windows, config)))
-  return out[:, :t], lse[..., :t]

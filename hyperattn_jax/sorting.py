@@ -3,7 +3,7 @@
 The sort order is carried as permutations of local rows (``q_perm [P, Nkv, G, rows]``, ``k_perm
 [P, Nkv, keys]``, padded, -1 for padding), never as sorted copies: the blocked stage reads and
 writes rows through them. The regimes of :func:`permutations`: grouped 16-bit radix sorts, one
-32-bit sort, or a stable argsort per array (``tests/test_lsh.py`` asserts which one runs).
+32-bit sort, or a stable argsort per array (``tests/test_sorting.py`` asserts which one runs).
 """
 
 from __future__ import annotations
