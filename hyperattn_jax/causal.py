@@ -44,17 +44,13 @@ from hyperattn_jax.plan import Plan, SampleDraw, build_plan, rng_streams
 __all__ = ["hyper_causal", "causal_levels", "level_codes"]
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def causal_levels(seq_len: int, min_seq_len: int) -> tuple[int, int]:
   """Recursion depth ``L`` and base block size ``s`` with ``s * 2**L >= seq_len``, ``s <= min``.
 
   Padding is at most ``2**L - 1`` positions (not to the next power of two).
   """
   levels = max(0, math.ceil(math.log2(seq_len / min_seq_len))) if seq_len > min_seq_len else 0
-  return levels, _cdiv(seq_len, 2 ** levels)
+  return levels, -(-seq_len // 2 ** levels)
 
 
 def hyper_causal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale, implementation):

@@ -32,10 +32,6 @@ from hyperattn_jax.config import HyperAttentionConfig
 __all__ = ["SortPlan", "SampleDraw", "SampleSet", "Plan", "rng_streams", "build_plan"]
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SortPlan:
@@ -102,8 +98,8 @@ def build_plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: Row
   """
   b, kh = q.shape[0], k.shape[2]
   tq, tk = window.q_len, window.k_len
-  nb = _cdiv(tk, config.block_size)
-  qb = _cdiv(tq, nb)
+  nb = -(-tk // config.block_size)
+  qb = -(-tq // nb)
 
   # 0. randomness: hyperplanes shared by q and k of a kv head; samples per (batch, kv head).
   proj_rng, sample_rng, rows_rng = rng_streams(rng)

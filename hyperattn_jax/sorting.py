@@ -20,10 +20,6 @@ from hyperattn_jax.exact import grouped_q
 __all__ = ["sort_keys", "permutations"]
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def sort_keys(q, k, key_mask, projections):
   """The sort keys: Gray ranks of the LSH codes of every query ``[B, Nkv, G, Tq]`` and key ``[B,
   Nkv, Tk]`` (q ``[B, Tq, N, H]``, k ``[B, Tk, Nkv, H]``); masked keys get ``2**r``, so that
@@ -63,7 +59,7 @@ def permutations(codes, rows, num_projs: int, masked: bool):
   counts = [math.prod(c.shape[:-1]) for c in padded]
   segments = sum(counts)
   per_sort16 = 2 ** max(16 - code_bits, 0)
-  if code_bits <= 16 and _cdiv(segments, per_sort16) <= _MAX_SORTS:
+  if code_bits <= 16 and -(-segments // per_sort16) <= _MAX_SORTS:
     perms = _radix_perms(padded, counts, code_bits, jnp.uint16, per_sort16)
   elif (segments - 1).bit_length() + code_bits <= 32:
     perms = _radix_perms(padded, counts, code_bits, jnp.uint32, segments)
