@@ -36,7 +36,8 @@ from experiments.lm import model as model_lib
 
 flags.DEFINE_string("out", None, "JSON path.", required=True)
 flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints): its "
-                    "model and weights, with the HyperAttention options of the flags below; "
+                    "model, weights and HyperAttention options, the latter overridden by the "
+                    "HyperAttention flags given; "
                     "default: a randomly initialised model of the flags below.")
 flags.DEFINE_list("prompt_lens", ["32768", "65536", "131072"], "Prompt lengths.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens decoded per run.")
@@ -68,7 +69,8 @@ def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
   # Imported here: the training code needs ml_collections and orbax, the random model does not.
   from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
   config, params, _ = train_lib.restore_run(workdir)
-  return params, train_lib.model_config(config, hyper=common.hyper_config())
+  cfg = train_lib.model_config(config)
+  return params, dataclasses.replace(cfg, hyper=common.hyper_config(cfg.hyper))
 
 
 def bench(params, cfg: model_lib.TransformerConfig, prompt_lens, max_new_tokens: int,

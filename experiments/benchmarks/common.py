@@ -4,6 +4,8 @@ and a headless pyplot. Used by this folder's scripts and by ``experiments/resear
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -47,9 +49,13 @@ def define_hyper_flags(*names: str) -> None:
     flags.DEFINE_integer(name, *_HYPER_FLAGS[name])
 
 
-def hyper_config() -> HyperAttentionConfig:
-  """The HyperAttentionConfig of the flags of ``define_hyper_flags()`` (all of them)."""
-  return HyperAttentionConfig(**{name: FLAGS[name].value for name in _HYPER_FLAGS})
+def hyper_config(base: HyperAttentionConfig | None = None) -> HyperAttentionConfig:
+  """The HyperAttentionConfig of the flags of ``define_hyper_flags()`` (all of them); with
+  ``base``: its fields, overridden only by the flags given on the command line."""
+  if base is None:
+    return HyperAttentionConfig(**{name: FLAGS[name].value for name in _HYPER_FLAGS})
+  return dataclasses.replace(base, **{name: FLAGS[name].value for name in _HYPER_FLAGS
+                                      if FLAGS[name].present})
 
 
 def define_timing_flags(reps: int, warmup: int = 0) -> None:
