@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax.folding import add_grads, embed_rows, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 from hyperattn_jax.perturbation import dense, flag, is_set, nonzero, primal_values
@@ -254,18 +255,22 @@ def _selected_keys(k, v, selection, window: RowWindow) -> SelectedKeys | None:
 
 def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                           selection, scale: float, block_size: int, window: RowWindow,
-                          implementation: str, into=None):
+                          implementation: backends.Backend, into=None):
   """The forward of :func:`blocked_attention` (same arguments and results), not differentiable.
 
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``; a causal level's quadrants): returns it with the stage's result merged
-  into the window's query rows by log-sum-exp (the Pallas kernel does so in place).
+  into the window's query rows by log-sum-exp (the kernels do so in place where they can).
   """
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
-                                    log_weight, selection, scale=scale, block_size=block_size,
-                                    window=window, into=into)
+  kernels = implementation.kernels
+  if kernels is not None:
+    stage = lambda into: kernels.blocked_attention_pallas(
+        q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, selection,
+        scale=scale, block_size=block_size, **window._asdict(), **implementation.options,
+        into=into)
+    if into is None or kernels.in_place(q.shape[-1]):
+      return stage(into)
+    return merge_rows(into, *stage(None), window.q_offset)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   out, lse = blocked_attention_xla(qs, ks, vs, k_samp, v_samp, samp_pos, n_valid, log_weight,
                                    _selected_keys(k, v, selection, window), scale=scale,
@@ -277,7 +282,7 @@ def blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
 
 def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                           selection, d_out, lse, delta, scale: float, block_size: int,
-                          window: RowWindow, implementation: str, into=None,
+                          window: RowWindow, implementation: backends.Backend, into=None,
                           weight_grad: bool = True):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
@@ -289,15 +294,18 @@ def blocked_attention_bwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_v
   ``weight_grad``: the Pallas kernels then skip its reduction). ``into``: running
   ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
-  Pallas kernels). The selected keys' gradients are inside dk/dv.
+  kernels where they can). The selected keys' gradients are inside dk/dv.
   """
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos,
-                                        n_valid, log_weight, d_out, lse, delta, selection,
-                                        scale=scale,
-                                        block_size=block_size, window=window, into=into,
-                                        weight_grad=weight_grad)
+  kernels = implementation.kernels
+  if kernels is not None:
+    grads = lambda into: kernels.blocked_attention_bwd_pallas(
+        q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight, d_out, lse,
+        delta, selection, scale=scale, block_size=block_size, **window._asdict(),
+        **implementation.options, into=into, weight_grad=weight_grad)
+    if into is None or kernels.in_place(q.shape[-1]):
+      return grads(into)
+    dq, dk, dv, *samples = grads(None)
+    return (*add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset), *samples)
   qs, ks, vs = _sorted_inputs(q, k, v, q_perm, k_perm, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
   dq, dk, dv, dks, dvs, dw, d_sel = _recompute_bwd(
@@ -328,8 +336,8 @@ def _add_selected(acc, vals, rows):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13, 14))
 def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                       selection, scale: float, block_size: int, window: RowWindow,
-                      implementation: str):
-  """The blocked stage on rows by index, with the chosen forward (``"xla"``/``"pallas"``).
+                      implementation: backends.Backend):
+  """The blocked stage on rows by index, with the backend's forward and backward.
 
   Args:
     q: ``[P, Rq, N, H]``; k, v: ``[P, Rk, Nkv, H]`` (public layout; the problem's rows are
@@ -346,8 +354,8 @@ def blocked_attention(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid
   The VJP (:func:`blocked_attention_bwd` from the saved (out, lse)) differentiates q, k, v, the
   samples and their log-weights (the latter only where they are differentiated: not for
   constants such as the uniform sampler's), for cotangents of both ``out`` and ``lse``; no ``n x
-  (block_size + sample_size)`` matrix is kept between the passes. ``"pallas"`` runs the Pallas
-  backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
+  (block_size + sample_size)`` matrix is kept between the passes. A backend with kernels runs
+  their backward kernels; XLA recomputes the stage chunk by chunk of blocks and differentiates
   it by autodiff (the reference).
   """
   return blocked_attention_fwd(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,

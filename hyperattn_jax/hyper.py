@@ -32,8 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax import checks
-from hyperattn_jax import cudnn
 from hyperattn_jax import lsh
 from hyperattn_jax import selection as selection_lib
 from hyperattn_jax.blocked import (RowWindow, blocked_attention, blocked_attention_bwd,
@@ -58,19 +58,10 @@ def _cdiv(a: int, b: int) -> int:
 # Exact attention (base case of the recursion and the exact baseline)
 
 
-def _exact_implementation(q, key_mask, implementation):
-  """The exact kernel to run: on GPU ("pallas") cuDNN's fused kernels where cuDNN can (no key
-  mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
-  ``experiments/benchmarks/bench_attention.py``)."""
-  if implementation == "pallas" and cudnn.available(q, key_mask):
-    return "cudnn"
-  return implementation
-
-
 def _exact(q, k, v, key_mask, causal, scale, config, implementation):
   """Exact attention in the public layout; returns (out, lse) with lse ``[B, N, T]``."""
   return flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
-                         _exact_implementation(q, key_mask, implementation))
+                         backends.exact_backend(implementation, q, key_mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,13 +165,13 @@ def _rng_streams(rng):
 
 
 def _plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindow,
-          implementation: str, codes=None):
+          implementation: backends.Backend, codes=None):
   """Stages 0+1 of the window's problem: the draws from ``rng`` and the sortLSH orders.
 
   q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``, key_mask ``[P, k_len]`` bool or None;
   ``codes``: the window's sort keys (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the
   caller hashed already (the causal levels share one hashing per call); else they are hashed
-  here with hyperplanes drawn from ``rng``. ``implementation`` ("xla"/"pallas"): that of the
+  here with hyperplanes drawn from ``rng``. ``implementation``: the backend of the
   selection's run scores (``select_blocks``).
   """
   b, kh = q.shape[0], k.shape[2]
@@ -352,7 +343,7 @@ class _Recursion(NamedTuple):
   """The static part of a causal recursion call."""
   config: HyperAttentionConfig
   scale: float
-  implementation: str
+  implementation: backends.Backend
   levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
   exact_parts: tuple  # (parts, RowWindow) of the exactly attended keys (``_exact_windows``)
 
@@ -415,7 +406,7 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
   fold = lambda x: fold_rows(x, parts)
   out, lse = kernel_forward(fold(q), fold(k), fold(v), base_mask, True, rec.scale,
                             rec.config.exact_chunk_size,
-                            _exact_implementation(q, base_mask, rec.implementation))
+                            backends.exact_backend(rec.implementation, q, base_mask))
   running = (out.reshape(q.shape), unfold_stats(lse, parts))
   row_mask = None if base_mask is None else base_mask.reshape(q.shape[:2])
   for parts, window in rec.exact_parts:
@@ -496,7 +487,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
   grads = kernel_backward(fold(q), fold(k), fold(v), base_mask, fold(out), fold_stats(lse, parts),
                           fold(d_out), None if d_lse is None else fold_stats(d_lse, parts), True,
                           rec.scale, rec.config.exact_chunk_size,
-                          _exact_implementation(q, base_mask, rec.implementation))
+                          backends.exact_backend(rec.implementation, q, base_mask))
   grads = tuple(g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
   # The exactly attended keys of the options, from the final statistics too.
@@ -572,23 +563,6 @@ def _hyper_causal(q, k, v, key_mask, rng, config, scale, implementation):
 # Public API
 
 
-def _resolve_implementation(implementation):
-  checks.check_implementation(implementation)
-  if implementation is None:
-    return "pallas" if _pallas_available() else "xla"
-  return implementation
-
-
-def _pallas_available() -> bool:
-  if jax.default_backend() != "gpu":
-    return False
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return False
-  return hasattr(pallas_kernels, "blocked_attention_pallas")
-
-
 def _zero_masked_keys(k, v, key_mask):
   """k, v ``[B, Tk, Nkv, H]`` with the masked keys' rows (key_mask ``[B, Tk]`` False) zeroed: a
   masked key's value is multiplied by its zero probability, and ``0 * NaN`` is NaN, so NaN
@@ -618,7 +592,7 @@ def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, re
 def hyper_attention(query, key, value, *, rng, causal: bool = False,
                     config: HyperAttentionConfig | None = None, scale: float | None = None,
                     key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
-                    implementation: str | None = None):
+                    implementation: str | None = None, block_sizes=None):
   """HyperAttention: near-linear-time approximate softmax attention.
 
   Args:
@@ -637,7 +611,11 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
       to ``[0, kv_seq]``.
     return_lse: also return the log-sum-exp of the (approximate) scores, ``[batch, heads,
       q_seq]`` float32.
-    implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``.
+    implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``
+      (``backends.py``).
+    block_sizes: the Pallas kernels' tiles, a ``pallas_kernels.triton.BlockSizes`` (None: the
+      tuned defaults; ``experiments/benchmarks/tune_kernels.py`` prints one); the XLA path has
+      no tiles and ignores it.
 
   Returns:
     ``[batch, q_seq, q_heads, head_dim]`` in the dtype of the inputs (and the lse). Query rows
@@ -656,7 +634,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
   if config.local_window and not causal:
     raise ValueError(f"HyperAttentionConfig.local_window={config.local_window} is an exact band "
                      "of the causal recursion: use causal=True or local_window=0")
-  implementation = _resolve_implementation(implementation)
+  implementation = backends.resolve(implementation, block_sizes)
   return _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
                     implementation, bool(return_lse))
 
@@ -671,11 +649,13 @@ def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, ret
 
 def exact_attention(query, key, value, *, causal: bool = False, scale: float | None = None,
                     key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
-                    chunk_size: int = 512, implementation: str | None = None):
+                    chunk_size: int = 512, implementation: str | None = None,
+                    block_sizes=None):
   """Exact softmax attention, memory-safe at long sequences (chunked online softmax).
 
-  Same layouts, masks, GQA rules and ``implementation`` choices as :func:`hyper_attention`
-  (``"pallas"``: the flash forward kernel of ``pallas_kernels``); no ``n x n`` matrix is
+  Same layouts, masks, GQA rules and ``implementation`` / ``block_sizes`` choices as
+  :func:`hyper_attention` (``"pallas"``: the flash kernels of ``pallas_kernels``, tiles
+  ``block_sizes.flash_fwd`` / ``flash_bwd``); no ``n x n`` matrix is
   materialised (peak extra memory ``O(chunk_size**2)`` per head in XLA), and the gradient is the
   flash-attention recomputation from the saved log-sum-exp.
   """
@@ -684,6 +664,6 @@ def exact_attention(query, key, value, *, causal: bool = False, scale: float | N
   scale = checks.check_scale(scale, dims.head_dim)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  implementation = _resolve_implementation(implementation)
+  implementation = backends.resolve(implementation, block_sizes)
   return _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size,
                     implementation, bool(return_lse))
