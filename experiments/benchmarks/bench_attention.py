@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import backends
 from hyperattn_jax import blocked as blocked_lib
-from hyperattn_jax import cudnn as cudnn_lib
 from hyperattn_jax import exact as exact_lib
 from hyperattn_jax import hyper as hyper_lib
 from hyperattn_jax import lsh
@@ -43,7 +43,6 @@ from hyperattn_jax.sharding import head_sharded_hyper_attention
 from experiments import provenance
 from experiments import timing
 from experiments.benchmarks import common
-import pallas_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
@@ -141,6 +140,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   jit(forward), per stage. For Pallas, optionally the blocked kernels (rows by index): forward and
   backward calls timed alone."""
   scale = FLAGS.head_dim ** -0.5
+  backend = backends.resolve(impl)
 
   proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
   hash_fn = lambda q, k, proj: hyper_lib._sort_keys(  # pylint: disable=protected-access
@@ -171,16 +171,16 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     perms = (q_perm, k_perm)
     blocked = lambda qq, kk, vv, k_s, v_s, lw, q_perm, k_perm, pos, n_valid: (
         blocked_lib.blocked_attention(qq, kk, vv, q_perm, k_perm, k_s, v_s, pos, n_valid, lw,
-                                      None, scale, bs, window, impl))
+                                      None, scale, bs, window, backend))
     res = {"sort_samples": _fwd_bwd_ms(lambda *a: sort_sample(*a)[:3], (kk, vv, qc, kc), 2),
            "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, k_s, v_s, lw, *perms, pos, n_valid), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * tq * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
-    if impl == "pallas" and FLAGS.breakdown_kernels:
+    if backend.kernels is not None and FLAGS.breakdown_kernels:
       args = (qq, kk, vv, *perms, k_s, v_s, pos, n_valid, lw)
-      kw = dict(scale=scale, block_size=bs, window=window)
-      fwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_pallas(*a, **kw))
-      bwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_bwd_pallas(*a, **kw))
+      kw = dict(scale=scale, block_size=bs, **window._asdict(), **backend.options)
+      fwd = jax.jit(lambda *a: backend.kernels.blocked_attention_pallas(*a, **kw))
+      bwd = jax.jit(lambda *a: backend.kernels.blocked_attention_bwd_pallas(*a, **kw))
       kernels = res["kernels_rows_by_index"] = {}
       try:
         out, lse = fwd(*args)
@@ -202,14 +202,16 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   # The base case by each kernel that can run it (the library picks cuDNN where it can); the
   # backward as in training: from the final (out, lse), no lse cotangent.
   folded = (fold(q), fold(k), fold(v))
-  kernels = ["xla"] if impl == "xla" else ["pallas"] + (
-      ["cudnn"] if cudnn_lib.available(folded[0], None) else [])
+  kernels = {impl: backend}
+  on_cudnn = backends.exact_backend(backend, folded[0], None)
+  if on_cudnn.cudnn:
+    kernels["cudnn"] = on_cudnn
   result = {**hashed, "levels": []}
-  for kernel in kernels:
+  for name, kernel in kernels.items():
     # out only, as in training: the lse gets no cotangent (cuDNN's backward can run).
     base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
         q, k, v, None, True, scale, config.exact_chunk_size, kernel)[0]
-    result[f"base_case_{kernel}"] = _fwd_bwd_ms(base_fn, folded, 3)
+    result[f"base_case_{name}"] = _fwd_bwd_ms(base_fn, folded, 3)
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])

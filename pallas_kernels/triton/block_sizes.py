@@ -75,6 +75,14 @@ class BlockSizes:
     _check_int("BlockSizes", "sample_groups", self.sample_groups)
     _check_int("BlockSizes", "key_chunks_per_program", self.key_chunks_per_program)
 
+  @classmethod
+  def from_dict(cls, fields: dict) -> BlockSizes:
+    """The inverse of ``dataclasses.asdict`` (e.g. ``tune_kernels.py``'s JSON): missing fields
+    keep their defaults."""
+    tiles = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, Tiles)}
+    return cls(**{name: Tiles(**value) if name in tiles else value
+                  for name, value in fields.items()})
+
 
 def check_block_sizes(block_sizes) -> None:
   """A kernel wrapper's check of its ``block_sizes`` argument."""
