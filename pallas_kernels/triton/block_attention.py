@@ -747,16 +747,24 @@ class _Window(NamedTuple):
   all_keys_valid: bool
 
 
+def _check_qkv(q, k, v, q_rows: str, k_rows: str):
+  """q ``[P, q_rows, N, H]``, k/v ``[P, k_rows, Nkv, H]`` of one floating dtype, ``N`` a
+  multiple of ``Nkv``."""
+  check_array("q", q, (("P", None), (q_rows, None), ("N", None), ("H", None)), "float")
+  p, _, n, h = q.shape
+  check_array("k", k, (("P", p), (k_rows, None), ("Nkv", None), ("H", h)), "float", q.dtype)
+  rk, kh = k.shape[1:3]
+  check_array("v", v, (("P", p), (k_rows, rk), ("Nkv", kh), ("H", h)), "float", q.dtype)
+  if n % kh:
+    raise ValueError(f"q: N = {n} query heads must be a multiple of Nkv = {kh}")
+
+
 def _check_blocked(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                    selection, block_size, window: _Window, block_sizes):
   """The blocked wrappers' argument checks (ValueErrors naming the argument)."""
-  check_array("q", q, (("P", None), ("Rq", None), ("N", None), ("H", None)), "float")
+  _check_qkv(q, k, v, "Rq", "Rk")
   p, rq, n, h = q.shape
-  check_array("k", k, (("P", p), ("Rk", None), ("Nkv", None), ("H", h)), "float", q.dtype)
   rk, kh = k.shape[1:3]
-  check_array("v", v, (("P", p), ("Rk", rk), ("Nkv", kh), ("H", h)), "float", q.dtype)
-  if n % kh:
-    raise ValueError(f"q: N = {n} query heads must be a multiple of Nkv = {kh}")
   if not (isinstance(block_size, int) and block_size > 0):
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   check_array("k_perm", k_perm, (("P", p), ("Nkv", kh), ("nb * block_size", None)), "int")
@@ -1012,13 +1020,9 @@ def _lse_base2(lse):
 
 def _check_flash(q, k, v, key_mask, causal, block_sizes):
   """The exact wrappers' argument checks (ValueErrors naming the argument)."""
-  check_array("q", q, (("P", None), ("Tq", None), ("N", None), ("H", None)), "float")
-  p, tq, n, h = q.shape
-  check_array("k", k, (("P", p), ("Tk", None), ("Nkv", None), ("H", h)), "float", q.dtype)
-  tk, kh = k.shape[1:3]
-  check_array("v", v, (("P", p), ("Tk", tk), ("Nkv", kh), ("H", h)), "float", q.dtype)
-  if n % kh:
-    raise ValueError(f"q: N = {n} query heads must be a multiple of Nkv = {kh}")
+  _check_qkv(q, k, v, "Tq", "Tk")
+  p, tq = q.shape[:2]
+  tk = k.shape[1]
   check_array("key_mask", key_mask, (("P", p), ("Tk", tk)), "bool")
   if causal and tq != tk:
     raise ValueError(f"causal needs Tq == Tk, got q {q.shape} and k {k.shape}")
