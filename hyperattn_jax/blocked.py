@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax.folding import add_grads, embed_rows, merge_rows
 from hyperattn_jax.merge import output_delta, part_cotangents
 from hyperattn_jax.perturbation import dense, flag, is_set, nonzero, primal_values
@@ -258,18 +259,22 @@ def _selected_keys(k, v, selection, window: RowWindow) -> SelectedKeys | None:
 
 
 def blocked_attention_fwd(q, k, v, sort, samples, selection, scale: float, block_size: int,
-                          window: RowWindow, implementation: str, into=None):
+                          window: RowWindow, implementation: backends.Backend, into=None):
   """The forward of :func:`blocked_attention` (same arguments and results), not differentiable.
 
   ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
   rows (``folding.py``; a causal level's quadrants): returns it with the stage's result merged
-  into the window's query rows by log-sum-exp (the Pallas kernel does so in place).
+  into the window's query rows by log-sum-exp (the kernels do so in place where they can).
   """
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_pallas(q, k, v, sort.q_perm, sort.k_perm, samples.k, samples.v,
-                                    samples.pos, samples.n_valid, samples.log_weight, selection,
-                                    scale=scale, block_size=block_size, window=window, into=into)
+  kernels = implementation.kernels
+  if kernels is not None:
+    stage = lambda into: kernels.blocked_attention_pallas(
+        q, k, v, sort.q_perm, sort.k_perm, samples.k, samples.v, samples.pos, samples.n_valid,
+        samples.log_weight, selection, scale=scale, block_size=block_size, **window._asdict(),
+        **implementation.options, into=into)
+    if into is None or kernels.in_place(q.shape[-1]):
+      return stage(into)
+    return merge_rows(into, *stage(None), window.q_offset)
   qs, ks, vs = _sorted_inputs(q, k, v, sort, window)
   out, lse = blocked_attention_xla(qs, ks, vs, samples, _selected_keys(k, v, selection, window),
                                    scale=scale, block_size=block_size)
@@ -279,7 +284,8 @@ def blocked_attention_fwd(q, k, v, sort, samples, selection, scale: float, block
 
 
 def blocked_attention_bwd(q, k, v, sort, samples, selection, d_out, lse, delta, scale: float,
-                          block_size: int, window: RowWindow, implementation: str, into=None,
+                          block_size: int, window: RowWindow, implementation: backends.Backend,
+                          into=None,
                           weight_grad: bool = True):
   """The stage's share of the gradient of a merged result that contains it as a part.
 
@@ -292,15 +298,18 @@ def blocked_attention_bwd(q, k, v, sort, samples, selection, d_out, lse, delta, 
   ``weight_grad``: the Pallas kernels then skip its reduction). ``into``: running
   ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are the folded rows:
   those with dq, dk, dv added to the window's rows are returned instead (in place in the
-  Pallas kernels). The selected keys' gradients are inside dk/dv.
+  kernels where they can). The selected keys' gradients are inside dk/dv.
   """
-  if implementation == "pallas":
-    from pallas_kernels import blocked_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    return blocked_attention_bwd_pallas(q, k, v, sort.q_perm, sort.k_perm, samples.k,
-                                        samples.v, samples.pos, samples.n_valid,
-                                        samples.log_weight, d_out, lse, delta, selection,
-                                        scale=scale, block_size=block_size, window=window,
-                                        into=into, weight_grad=weight_grad)
+  kernels = implementation.kernels
+  if kernels is not None:
+    grads = lambda into: kernels.blocked_attention_bwd_pallas(
+        q, k, v, sort.q_perm, sort.k_perm, samples.k, samples.v, samples.pos, samples.n_valid,
+        samples.log_weight, d_out, lse, delta, selection, scale=scale, block_size=block_size,
+        **window._asdict(), **implementation.options, into=into, weight_grad=weight_grad)
+    if into is None or kernels.in_place(q.shape[-1]):
+      return grads(into)
+    dq, dk, dv, *sample_grads = grads(None)
+    return (*add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset), *sample_grads)
   q_perm = sort.q_perm
   qs, ks, vs = _sorted_inputs(q, k, v, sort, window)
   stats = lambda x: grouped_rows(jnp.swapaxes(x, 1, 2), q_perm, window.q_offset)
@@ -331,8 +340,8 @@ def _add_selected(acc, vals, rows):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def blocked_attention(q, k, v, sort, samples, selection, scale: float, block_size: int,
-                      window: RowWindow, implementation: str):
-  """The blocked stage on rows by index, with the chosen forward (``"xla"``/``"pallas"``).
+                      window: RowWindow, implementation: backends.Backend):
+  """The blocked stage on rows by index, with the backend's forward and backward.
 
   Args:
     q: ``[P, Rq, N, H]``; k, v: ``[P, Rk, Nkv, H]`` (public layout; the problem's rows are
@@ -351,8 +360,8 @@ def blocked_attention(q, k, v, sort, samples, selection, scale: float, block_siz
   The VJP (:func:`blocked_attention_bwd` from the saved (out, lse)) differentiates q, k, v, the
   samples and their log-weights (the latter only where they are differentiated: not for
   constants such as the uniform sampler's), for cotangents of both ``out`` and ``lse``; no ``n x
-  (block_size + sample_size)`` matrix is kept between the passes. ``"pallas"`` runs the Pallas
-  backward kernels; ``"xla"`` recomputes the stage chunk by chunk of blocks and differentiates
+  (block_size + sample_size)`` matrix is kept between the passes. A backend with kernels runs
+  their backward kernels; XLA recomputes the stage chunk by chunk of blocks and differentiates
   it by autodiff (the reference).
   """
   return blocked_attention_fwd(q, k, v, sort, samples, selection, scale, block_size, window,

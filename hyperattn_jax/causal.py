@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax import cudnn
+from hyperattn_jax import backends
 from hyperattn_jax import lsh
 from hyperattn_jax import sorting
 from hyperattn_jax.blocked import RowWindow, blocked_attention_bwd, blocked_attention_fwd
@@ -160,7 +160,7 @@ class _Recursion(NamedTuple):
   """The static part of a causal recursion call."""
   config: HyperAttentionConfig
   scale: float
-  implementation: str
+  implementation: backends.Backend
   levels: tuple  # (parts, RowWindow) of each level d (``_level_window``)
   exact_parts: tuple  # (parts, RowWindow) of the exactly attended keys (``_exact_windows``)
 
@@ -198,7 +198,7 @@ def _recursion_forward(q, k, v, plans, base_mask, rec: _Recursion):
   fold = lambda x: fold_rows(x, parts)
   out, lse = kernel_forward(fold(q), fold(k), fold(v), base_mask, True, rec.scale,
                             rec.config.exact_chunk_size,
-                            cudnn.exact_implementation(q, base_mask, rec.implementation))
+                            backends.exact_backend(rec.implementation, q, base_mask))
   running = (out.reshape(q.shape), unfold_stats(lse, parts))
   row_mask = None if base_mask is None else base_mask.reshape(q.shape[:2])
   for parts, window in rec.exact_parts:
@@ -282,7 +282,7 @@ def _recursion_bwd(rec: _Recursion, res, cotangents):
   grads = kernel_backward(fold(q), fold(k), fold(v), base_mask, fold(out), fold_stats(lse, parts),
                           fold(d_out), None if d_lse is None else fold_stats(d_lse, parts), True,
                           rec.scale, rec.config.exact_chunk_size,
-                          cudnn.exact_implementation(q, base_mask, rec.implementation))
+                          backends.exact_backend(rec.implementation, q, base_mask))
   grads = tuple(g.reshape(x.shape).astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
   # The exactly attended keys of the options, from the final statistics too.

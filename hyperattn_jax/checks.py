@@ -8,10 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Dims", "check_qkv", "check_key_mask", "check_implementation", "lengths_mask",
+__all__ = ["Dims", "check_qkv", "check_key_mask", "lengths_mask",
            "key_mask_from_attention_mask"]
-
-IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 class Dims(NamedTuple):
@@ -101,11 +99,6 @@ def check_scale(scale, head_dim: int) -> float:
   if isinstance(scale, jax.core.Tracer) or not np.isscalar(scale) or not np.isfinite(scale):
     raise ValueError(f"scale must be a finite Python float or None, got {scale!r}")
   return float(scale)
-
-
-def check_implementation(implementation) -> None:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
 def check_rng(rng) -> None:

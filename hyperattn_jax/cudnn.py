@@ -21,7 +21,7 @@ try:  # jax's own cuDNN attention (present in every jax with GPU support; privat
 except ImportError:  # pragma: no cover - very old or stripped-down jax
   _fa = None
 
-__all__ = ["available", "exact_implementation", "attention_fwd", "attention_bwd"]
+__all__ = ["available", "attention_fwd", "attention_bwd"]
 
 
 def available(q: jax.Array, key_mask) -> bool:
@@ -39,15 +39,6 @@ def available(q: jax.Array, key_mask) -> bool:
   except RuntimeError:
     return False
   return True
-
-
-def exact_implementation(q, key_mask, implementation):
-  """The exact kernel to run: on GPU ("pallas") cuDNN's fused kernels where cuDNN can (no key
-  mask, bf16/fp16): faster than the Pallas flash kernel (see the breakdown in
-  ``experiments/benchmarks/bench_attention.py``)."""
-  if implementation == "pallas" and available(q, key_mask):
-    return "cudnn"
-  return implementation
 
 
 def _mask_type(causal: bool):

@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hyperattn_jax import backends
+from hyperattn_jax import cudnn
+from hyperattn_jax.merge import output_delta
 from hyperattn_jax.perturbation import dense, nonzero, primal_values
 
 __all__ = ["flash_attention", "grouped_q", "kernel_forward", "kernel_backward"]
@@ -183,33 +186,33 @@ def _public(xg):
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
 
 
-def kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation):
-  """(out, lse) of exact attention by the chosen kernel; key_mask None: every key valid."""
-  if implementation == "cudnn":
-    from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
+def kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation: backends.Backend):
+  """(out, lse) of exact attention by the backend's kernel (cuDNN, its flash kernel or the XLA
+  loops); key_mask None: every key valid."""
+  if implementation.cudnn:
     return cudnn.attention_fwd(q, k, v, causal, scale)
   key_mask = _ones_mask(k) if key_mask is None else key_mask
-  if implementation == "pallas":
-    from pallas_kernels import flash_attention_pallas  # pylint: disable=import-outside-toplevel
-    return flash_attention_pallas(q, k, v, key_mask, causal, scale)
+  if implementation.kernels is not None:
+    return implementation.kernels.flash_attention_pallas(q, k, v, key_mask, causal, scale,
+                                                         **implementation.options)
   out, lse = _forward(*_grouped(q, k, v), key_mask, causal, scale, chunk)
   return _public(out), _public(lse).swapaxes(1, 2)
 
 
 def kernel_backward(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale, chunk,
-                     implementation):
+                    implementation: backends.Backend):
   """(dq, dk, dv) from a given ``(out, lse)`` and cotangents (``d_lse`` None: no cotangent).
 
   Given the ``(out, lse)`` of a merge that contains this attention as a part, this is the part's
   share of the merged result's gradient (see ``merge.py``)."""
-  if implementation == "cudnn" and d_lse is None:
-    from hyperattn_jax import cudnn  # pylint: disable=import-outside-toplevel
+  if implementation.cudnn and d_lse is None:
     return cudnn.attention_bwd(q, k, v, out, lse, d_out, causal, scale)
   key_mask = _ones_mask(k) if key_mask is None else key_mask
+  if implementation.kernels is not None:  # also for cuDNN: its backward takes no lse cotangent
+    return implementation.kernels.flash_attention_bwd_pallas(
+        q, k, v, key_mask, d_out, lse, output_delta(out, d_out, d_lse), causal, scale,
+        **implementation.options)
   d_lse = jnp.zeros_like(lse) if d_lse is None else d_lse
-  if implementation in ("pallas", "cudnn"):  # cuDNN's backward takes no LSE cotangent
-    from pallas_kernels import flash_attention_bwd_pallas  # pylint: disable=import-outside-toplevel
-    return flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal, scale)
   grouped_stat = lambda x: x.reshape(x.shape[0], k.shape[2], -1, x.shape[-1])
   qg, kg, vg = _grouped(q, k, v)
   dq, dk, dv = _backward(qg, kg, vg, key_mask, _grouped(out, k, v)[0], grouped_stat(lse),
@@ -223,7 +226,7 @@ def _ones_mask(k):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
-                    implementation: str = "xla"):
+                    implementation: backends.Backend = backends.XLA):
   """Exact attention with LSE in the public layout.
 
   q ``[B, Tq, N, H]``, k/v ``[B, Tk, Nkv, H]``, key_mask ``[B, Tk]`` bool or None (every key
@@ -231,12 +234,12 @@ def flash_attention(q, k, v, key_mask, causal: bool, scale: float, chunk: int,
   ``out = 0`` and ``lse = -inf``. ``causal`` requires ``Tq == Tk`` (query ``i`` sees keys
   ``j <= i``).
 
-  ``implementation``: ``"xla"`` (the chunked loops here, heads-major), ``"pallas"`` (the GPU
-  kernels) or ``"cudnn"`` (cuDNN's fused kernels, see ``hyperattn_jax/cudnn.py``; key_mask
-  must be None). The backward knows from its symbolic-zero cotangents
-  (``perturbation.py``) whether the lse is differentiated: where it is not (the caller drops
-  it, or nothing depends on it) the cuDNN backward runs; where it is, ``"cudnn"``
-  differentiates with the Pallas backward kernels (cuDNN's takes no lse cotangent).
+  ``implementation``: a ``backends.Backend``: XLA (the chunked loops here, heads-major), the
+  kernels' flash kernels, or cuDNN's fused kernels (``backends.exact_backend``, see
+  ``hyperattn_jax/cudnn.py``; key_mask must be None). The backward knows from its symbolic-zero
+  cotangents (``perturbation.py``) whether the lse is differentiated: where it is not (the
+  caller drops it, or nothing depends on it) the cuDNN backward runs; where it is, cuDNN's
+  forward is differentiated with the flash backward kernels (cuDNN's takes no lse cotangent).
   """
   return kernel_forward(q, k, v, key_mask, causal, scale, chunk, implementation)
 

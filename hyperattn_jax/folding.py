@@ -8,7 +8,7 @@ rows and go back into the running accumulators of the whole sequence, which keep
 different shape, so the updates here are scatters on the accumulator's own shape.
 
 These are the XLA forms; the Pallas kernels merge and add into the accumulators in place
-(``pallas_kernels/block_attention.py``, ``into=``).
+(``pallas_kernels/triton/block_attention.py``, ``into=``).
 """
 
 from __future__ import annotations

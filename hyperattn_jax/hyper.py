@@ -33,31 +33,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax import checks
-from hyperattn_jax import cudnn
 from hyperattn_jax.causal import hyper_causal
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.exact import flash_attention
 from hyperattn_jax.noncausal import hyper_noncausal
 
 __all__ = ["hyper_attention", "exact_attention"]
-
-
-def _resolve_implementation(implementation):
-  checks.check_implementation(implementation)
-  if implementation is None:
-    return "pallas" if _pallas_available() else "xla"
-  return implementation
-
-
-def _pallas_available() -> bool:
-  if jax.default_backend() != "gpu":
-    return False
-  try:
-    import pallas_kernels  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return False
-  return hasattr(pallas_kernels, "blocked_attention_pallas")
 
 
 def _zero_masked_keys(k, v, key_mask):
@@ -81,7 +64,7 @@ def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, re
     out, lse = hyper_causal(q, k, v, key_mask, rng, config, scale, implementation)
   elif causal or k.shape[1] <= max(config.min_seq_len, config.block_size):
     out, lse = flash_attention(q, k, v, key_mask, causal, scale, config.exact_chunk_size,
-                               cudnn.exact_implementation(q, key_mask, implementation))
+                               backends.exact_backend(implementation, q, key_mask))
   else:
     out, lse = hyper_noncausal(q, k, v, key_mask, rng, config, scale, implementation)
   return (out, lse) if return_lse else out
@@ -90,7 +73,7 @@ def _hyper_jit(q, k, v, key_mask, rng, causal, config, scale, implementation, re
 def hyper_attention(query, key, value, *, rng, causal: bool = False,
                     config: HyperAttentionConfig | None = None, scale: float | None = None,
                     key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
-                    implementation: str | None = None):
+                    implementation: str | None = None, block_sizes=None):
   """HyperAttention: near-linear-time approximate softmax attention.
 
   Args:
@@ -109,7 +92,11 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
       to ``[0, kv_seq]``.
     return_lse: also return the log-sum-exp of the (approximate) scores, ``[batch, heads,
       q_seq]`` float32.
-    implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``.
+    implementation: None (Pallas on GPU when available, else XLA), ``"xla"`` or ``"pallas"``
+      (``backends.py``).
+    block_sizes: the Pallas kernels' tiles, a ``pallas_kernels.triton.BlockSizes`` (None: the
+      tuned defaults; ``experiments/benchmarks/tune_kernels.py`` prints one); the XLA path has
+      no tiles and ignores it.
 
   Returns:
     ``[batch, q_seq, q_heads, head_dim]`` in the dtype of the inputs (and the lse). Query rows
@@ -128,7 +115,7 @@ def hyper_attention(query, key, value, *, rng, causal: bool = False,
   if config.local_window and not causal:
     raise ValueError(f"HyperAttentionConfig.local_window={config.local_window} is an exact band "
                      "of the causal recursion: use causal=True or local_window=0")
-  implementation = _resolve_implementation(implementation)
+  implementation = backends.resolve(implementation, block_sizes)
   return _hyper_jit(query, key, value, key_mask, rng, bool(causal), config, scale,
                     implementation, bool(return_lse))
 
@@ -143,11 +130,13 @@ def _exact_jit(q, k, v, key_mask, causal, scale, chunk_size, implementation, ret
 
 def exact_attention(query, key, value, *, causal: bool = False, scale: float | None = None,
                     key_mask=None, key_value_seq_lengths=None, return_lse: bool = False,
-                    chunk_size: int = 512, implementation: str | None = None):
+                    chunk_size: int = 512, implementation: str | None = None,
+                    block_sizes=None):
   """Exact softmax attention, memory-safe at long sequences (chunked online softmax).
 
-  Same layouts, masks, GQA rules and ``implementation`` choices as :func:`hyper_attention`
-  (``"pallas"``: the flash forward kernel of ``pallas_kernels``); no ``n x n`` matrix is
+  Same layouts, masks, GQA rules and ``implementation`` / ``block_sizes`` choices as
+  :func:`hyper_attention` (``"pallas"``: the flash kernels of ``pallas_kernels``, tiles
+  ``block_sizes.flash_fwd`` / ``flash_bwd``); no ``n x n`` matrix is
   materialised (peak extra memory ``O(chunk_size**2)`` per head in XLA), and the gradient is the
   flash-attention recomputation from the saved log-sum-exp.
   """
@@ -156,6 +145,6 @@ def exact_attention(query, key, value, *, causal: bool = False, scale: float | N
   scale = checks.check_scale(scale, dims.head_dim)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  implementation = _resolve_implementation(implementation)
+  implementation = backends.resolve(implementation, block_sizes)
   return _exact_jit(query, key, value, key_mask, bool(causal), scale, chunk_size,
                     implementation, bool(return_lse))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hyperattn_jax import cudnn
 from hyperattn_jax.checks import key_mask_from_attention_mask
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.hyper import exact_attention, hyper_attention
@@ -127,9 +128,9 @@ def make_attention_fn(config: HyperAttentionConfig | None = None, *, causal: boo
 
 
 def _exact(q, k, v, *, causal: bool, key_mask, implementation):
-  """Exact attention: cuDNN on GPU for bf16/fp16 without masks, else the chunked kernel."""
-  if (implementation is None and key_mask is None and jax.default_backend() == "gpu" and
-      q.dtype in (jnp.bfloat16, jnp.float16)):
+  """Exact attention: with the default implementation cuDNN where it can run (GPU, bf16/fp16,
+  no key mask: ``cudnn.available``), else :func:`exact_attention`."""
+  if implementation is None and cudnn.available(q, key_mask):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
   return exact_attention(q, k, v, causal=causal, key_mask=key_mask,
                          implementation=implementation)

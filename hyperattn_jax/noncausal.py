@@ -17,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from hyperattn_jax import approx_d
-from hyperattn_jax import cudnn
+from hyperattn_jax import backends
 from hyperattn_jax.blocked import RowWindow, blocked_attention
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.exact import flash_attention
@@ -47,7 +47,7 @@ def hyper_noncausal(q, k, v, key_mask, rng, config: HyperAttentionConfig, scale,
   sink_mask = None if key_mask is None else head(key_mask)
   return merge_attention(out, lse, *flash_attention(
       q, head(k), head(v), sink_mask, False, scale, config.exact_chunk_size,
-      cudnn.exact_implementation(q, sink_mask, implementation)))
+      backends.exact_backend(implementation, q, sink_mask)))
 
 
 def attend_blocks(q, k, v, plan: Plan, config: HyperAttentionConfig, scale, implementation,

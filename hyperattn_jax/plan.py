@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax import lsh
 from hyperattn_jax import sampling
 from hyperattn_jax import selection as selection_lib
@@ -87,13 +88,13 @@ def rng_streams(rng):
 
 
 def build_plan(q, k, v, key_mask, rng, config: HyperAttentionConfig, window: RowWindow,
-               implementation: str, codes=None) -> Plan:
+               implementation: backends.Backend, codes=None) -> Plan:
   """Stages 0+1 of the window's problem: the draws from ``rng`` and the sortLSH orders.
 
   q ``[P, Rq, Nq, H]``, k/v ``[P, Rk, Nkv, H]``, key_mask ``[P, k_len]`` bool or None;
   ``codes``: the window's sort keys (q ``[P, Nkv, G, q_len]``, k ``[P, Nkv, k_len]``) when the
   caller hashed already (the causal levels share one hashing per call); else they are hashed
-  here with hyperplanes drawn from ``rng``. ``implementation`` ("xla"/"pallas"): that of the
+  here with hyperplanes drawn from ``rng``. ``implementation``: the backend of the
   selection's run scores (``select_blocks``).
   """
   b, kh = q.shape[0], k.shape[2]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax import backends
 from hyperattn_jax.blocked import grouped_rows
 
 __all__ = ["Selection", "block_bounds", "run_extrema", "run_scores", "build_selection"]
@@ -72,17 +73,18 @@ def block_bounds(q, kmax, kmin):
   return dot(jnp.maximum(q, zero), kmax) + dot(jnp.minimum(q, zero), kmin)
 
 
-def run_scores(q, q_perm, q_offset: int, kmax, kmin, num_blocks: int, implementation: str):
+def run_scores(q, q_perm, q_offset: int, kmax, kmin, num_blocks: int,
+               implementation: backends.Backend):
   """Each sorted query block's score of every run: the bound maxed over its queries (all heads
   of the kv head). q ``[P, Rq, N, H]`` (the window's rows from ``q_offset``), q_perm ``[P, Nkv,
   G, nb * qb]`` (-1: padding rows, left out) -> ``[P, Nkv, nb, R]`` float32.
 
-  ``"pallas"``: the kernel ``pallas_kernels.run_scores_pallas`` (bound tiles reduced in
-  registers); else XLA, chunked over query blocks so that one chunk's ``[queries, runs]`` bound
-  matrix stays within ``_CHUNK_ELEMENTS``."""
-  if implementation == "pallas":
-    from pallas_kernels import run_scores_pallas  # pylint: disable=import-outside-toplevel
-    return run_scores_pallas(q, q_perm, kmax, kmin, num_blocks=num_blocks, q_offset=q_offset)
+  A backend with kernels: their ``run_scores_pallas`` (bound tiles reduced in registers); XLA:
+  chunked over query blocks so that one chunk's ``[queries, runs]`` bound matrix stays within
+  ``_CHUNK_ELEMENTS``."""
+  if implementation.kernels is not None:
+    return implementation.kernels.run_scores_pallas(q, q_perm, kmax, kmin, num_blocks=num_blocks,
+                                                    q_offset=q_offset, **implementation.options)
   p, kh, g, rows = q_perm.shape
   nb, qb, runs = num_blocks, rows // num_blocks, kmax.shape[2]
   qs = grouped_rows(q, q_perm, q_offset).reshape(p, kh, g, nb, qb, q.shape[-1])
@@ -103,7 +105,8 @@ def run_scores(q, q_perm, q_offset: int, kmax, kmin, num_blocks: int, implementa
 
 
 def build_selection(q, q_perm, k, key_valid, k_perm, samp_rows, *, q_offset: int,
-                    block_size: int, count: int, run: int, implementation: str) -> Selection:
+                    block_size: int, count: int, run: int,
+                    implementation: backends.Backend) -> Selection:
   """The :class:`Selection` of one batch of problems.
 
   q ``[P, Rq, N, H]`` (the window's queries from ``q_offset``) and q_perm ``[P, Nkv, G, nb *

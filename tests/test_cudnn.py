@@ -11,6 +11,7 @@ import pytest
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, hyper_attention
+from hyperattn_jax import backends
 from hyperattn_jax import cudnn
 from hyperattn_jax.exact import flash_attention, kernel_backward, kernel_forward
 from hyperattn_jax.merge import merge_attention
@@ -44,15 +45,17 @@ def test_cudnn_merged_attention_matches_xla(seed, causal, t):
   prior = (jax.random.normal(keys[0], q.shape).astype(jnp.bfloat16),
            jax.random.normal(keys[1], (2, 4, t)) + 3.0)
   d_out = jax.random.normal(keys[2], q.shape).astype(jnp.bfloat16)
+  on_cudnn = backends.exact_backend(backends.resolve("pallas"), q, None)
+  assert on_cudnn.cudnn
   run = lambda impl, q, k, v: kernel_forward(q, k, v, None, causal, 0.125, 64, impl)
-  (out, lse), (out_x, lse_x) = run("cudnn", q, k, v), run("xla", *_f32(q, k, v))
+  (out, lse), (out_x, lse_x) = run(on_cudnn, q, k, v), run(backends.XLA, *_f32(q, k, v))
   assert lse.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float32), out_x, atol=2e-2)
   np.testing.assert_allclose(lse, lse_x, atol=2e-3)
   merged_out, merged_lse = merge_attention(*prior, out, lse)
   g = kernel_backward(q, k, v, None, merged_out, merged_lse, d_out, None, causal, 0.125, 64,
-                      "cudnn")
-  exact_xla = lambda q, k, v: flash_attention(q, k, v, None, causal, 0.125, 64, "xla")
+                      on_cudnn)
+  exact_xla = lambda q, k, v: flash_attention(q, k, v, None, causal, 0.125, 64)
   _, vjp = jax.vjp(lambda *x: merge_attention(*_f32(prior[0]), prior[1], *exact_xla(*x)),
                    *_f32(q, k, v))
   g_ref = vjp((d_out.astype(jnp.float32), jnp.zeros_like(merged_lse)))

@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import backends
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.blocked import RowWindow, blocked_attention, grouped_rows
 from hyperattn_jax.exact import flash_attention, kernel_backward
@@ -22,9 +23,21 @@ from hyperattn_jax.folding import embed_rows, fold_rows, fold_stats, unfold_stat
 from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax.plan import SampleSet, SortPlan
 from hyperattn_jax.reference import dense_attention, reference_hyper_attention
-from pallas_kernels import block_attention
-from pallas_kernels import (blocked_attention_bwd_pallas, blocked_attention_pallas,
-                            flash_attention_bwd_pallas, flash_attention_pallas)
+from pallas_kernels.triton import (BlockSizes, Tiles, block_attention,
+                                   blocked_attention_bwd_pallas, blocked_attention_pallas,
+                                   flash_attention_bwd_pallas, flash_attention_pallas)
+
+INTERPRET = jax.default_backend() != "gpu"  # the compiled kernels on the GPU
+
+
+def kernel_kw(window=None, tiles=(32, 16), **sizes):
+  """Keyword arguments of a kernel call: the window's rows (a ``RowWindow``, or None), every
+  kernel on ``tiles`` (block_q, block_k) and ``sizes`` (other ``BlockSizes`` fields),
+  interpret mode off the GPU."""
+  t = Tiles(*tiles)
+  kw = dict(block_sizes=BlockSizes(blocked_fwd=t, blocked_bwd=t, flash_fwd=t, flash_bwd=t,
+                                   **sizes), interpret=INTERPRET)
+  return kw if window is None else {**kw, **window._asdict()}
 
 
 def _blocked_inputs(seed, p, kh, g, nb, qb, bs, m, h, dtype, n_valid, q_len, k_len,
@@ -71,7 +84,7 @@ def _xla_stage(args, scale, bs, window):
   _, _, _, sort, samples = _stage_args(args)
   return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
       q, k, v, sort, dataclasses.replace(samples, k=k_s, v=v_s, log_weight=w), None, scale, bs,
-      window, "xla")
+      window, backends.XLA)
 
 
 def _assert_lse_close(lse, ref, atol):
@@ -103,8 +116,7 @@ def test_blocked_kernel_matches_xla(seed, shape, dtype, atol):
   dims, n_valid, q_len, k_len = _dims(shape)
   args, window = _blocked_inputs(seed, *dims, dtype, n_valid, q_len, k_len)
   scale, bs = dims[-1] ** -0.5, dims[5]
-  out, lse = blocked_attention_pallas(*args, scale=scale, block_size=bs, window=window,
-                                      block_q=32, block_k=16)
+  out, lse = blocked_attention_pallas(*args, scale=scale, block_size=bs, **kernel_kw(window))
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
   ref_out, ref_lse = _xla_stage(args, scale, bs, window)(q, k, v, k_s, v_s, log_w)
   assert out.shape == ref_out.shape == (q.shape[0], q_len) + q.shape[2:]
@@ -127,7 +139,7 @@ def test_own_block_samples_masked_in_any_order(seed):
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
   assert np.any(np.diff(np.asarray(args[7]), axis=-1) < 0)
   scale, bs = dims[-1] ** -0.5, dims[5]
-  kw = dict(scale=scale, block_size=bs, window=window, block_q=32, block_k=16)
+  kw = dict(scale=scale, block_size=bs, **kernel_kw(window))
   stage = _xla_stage(args, scale, bs, window)
   (ref_out, ref_lse), vjp = jax.vjp(stage, q, k, v, k_s, v_s, log_w)
   out, lse = blocked_attention_pallas(*args, **kw)
@@ -147,10 +159,11 @@ def test_key_bias_only_where_a_block_has_padding(seed, k_len, key_bias):
   args, window = _blocked_inputs(seed, 1, 1, 2, 4, 32, 32, 16, 16, jnp.float32, [k_len], 128,
                                  k_len)
   assert window.all_keys_valid
-  kw = dict(block_size=32, window=window, block_q=32, block_k=16)
-  lay = block_attention._blocked_inputs(*args, None, num_warps=4, num_stages=2, **kw)
+  lay = block_attention._blocked_inputs(*args, None, block_size=32,
+                                        window=block_attention._Window(*window),
+                                        tiles=Tiles(32, 16), interpret=INTERPRET)
   assert lay.geo.key_bias == key_bias
-  out, lse = blocked_attention_pallas(*args, scale=0.25, **kw)
+  out, lse = blocked_attention_pallas(*args, scale=0.25, block_size=32, **kernel_kw(window))
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
   ref_out, ref_lse = _xla_stage(args, 0.25, 32, window)(q, k, v, k_s, v_s, log_w)
   np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
@@ -170,7 +183,7 @@ def _inputs_77(seed, dtype):
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_flash_kernel_matches_xla(seed, causal, dtype, atol):
   q, k, v, mask = _inputs_77(seed, dtype)
-  out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, block_q=32, block_k=16)
+  out, lse = flash_attention_pallas(q, k, v, mask, causal, 0.2, **kernel_kw())
   ref_out, ref_lse = flash_attention(q, k, v, mask, causal, 0.2, 32)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
@@ -187,17 +200,17 @@ def test_every_output_element_is_written(seed):
   args, window = _blocked_inputs(seed, 2, 1, 3, 3, 40, 32, 20, 24, jnp.float32, [90, 0], 117,
                                  96)
   q, k, v, mask = _inputs_77(seed, jnp.float32)
-  outs = (blocked_attention_pallas(*args, scale=0.2, block_size=32, window=window, block_q=32,
-                                   block_k=16) +
-          flash_attention_pallas(q, k, v, mask, True, 0.2, block_q=32, block_k=16))
+  outs = (blocked_attention_pallas(*args, scale=0.2, block_size=32, **kernel_kw(window)) +
+          flash_attention_pallas(q, k, v, mask, True, 0.2, **kernel_kw()))
   d_out = jnp.ones_like(outs[0])
   rows = lambda x, axis: embed_rows(x, window.q_offset, args[0].shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(*args, rows(d_out, 1), rows(outs[1], 2),
                                        rows(output_delta(outs[0], d_out), 2), scale=0.2,
-                                       block_size=32, window=window, block_q=16, block_k=16,
-                                       sample_groups=6)  # three partials per problem
-  grads += flash_attention_bwd_pallas(q, k, v, mask, *outs[2:], jnp.ones_like(q),
-                                      jnp.zeros_like(outs[3]), True, 0.2, block_q=16, block_k=32)
+                                       block_size=32, **kernel_kw(window, (16, 16),
+                                                                  sample_groups=6))  # 3 / problem
+  grads += flash_attention_bwd_pallas(q, k, v, mask, jnp.ones_like(q), outs[3],
+                                      output_delta(outs[2], jnp.ones_like(q)), True, 0.2,
+                                      **kernel_kw(tiles=(16, 32)))
   for x in outs[::2] + grads:
     assert not np.any(np.isnan(np.asarray(x))), x.shape
   for lse in outs[1::2]:
@@ -256,8 +269,8 @@ def test_blocked_backward_kernel_matches_xla(seed, shape, dtype, tol):
   rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(
       *args, rows(d_out, 1), rows(lse, 2), rows(output_delta(out, d_out, d_lse), 2),
-      scale=scale, block_size=bs, window=window, block_q=16, block_k=16,
-      sample_groups=2 * q.shape[0])  # two partials per problem
+      scale=scale, block_size=bs,
+      **kernel_kw(window, (16, 16), sample_groups=2 * q.shape[0]))  # two partials per problem
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 
@@ -274,8 +287,9 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   q, k, v, q_perm, k_perm, k_s, v_s, pos, nv, log_w = args
   scale, bs, parts = dims[-1] ** -0.5, dims[5], q.shape[0]  # P problems = 1 row x P parts
   unfold = lambda x: x.reshape((1, -1) + x.shape[2:])
+  backend = backends.resolve(implementation)
   fwd = lambda into=None: blocked_lib.blocked_attention_fwd(
-      *_stage_args(args), None, scale, bs, window, implementation, into=into)
+      *_stage_args(args), None, scale, bs, window, backend, into=into)
   o_d, l_d = fwd()
   prior_out, prior_lse = _random_prior(seed, jnp.zeros_like(q), jnp.zeros(
       (q.shape[0], q.shape[2], q.shape[1])))
@@ -296,7 +310,7 @@ def test_blocked_stage_updates_running_arrays(seed, shape, implementation):
   lse_rows = jnp.where(jnp.isfinite(prior_lse), prior_lse, 0.0) + 2.0
   delta = jax.random.normal(jax.random.key(seed + 5), lse_rows.shape)
   bwd = lambda into=None: blocked_lib.blocked_attention_bwd(
-      *_stage_args(args), None, d_out, lse_rows, delta, scale, bs, window, implementation,
+      *_stage_args(args), None, d_out, lse_rows, delta, scale, bs, window, backend,
       into=into)
   dq, dk, dv, *samples = bwd()
   grads_in = tuple(jax.random.normal(jax.random.key(seed + 9 + i), unfold(x).shape)
@@ -318,8 +332,8 @@ def test_flash_backward_kernel_matches_xla(seed, causal, dtype, tol):
   (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, causal, 0.2, 32),
                             q, k, v)
   d_out, d_lse = _cotangents(seed, out, lse)
-  grads = flash_attention_bwd_pallas(q, k, v, mask, out, lse, d_out, d_lse, causal, 0.2,
-                                     block_q=16, block_k=32)
+  grads = flash_attention_bwd_pallas(q, k, v, mask, d_out, lse, output_delta(out, d_out, d_lse),
+                                     causal, 0.2, **kernel_kw(tiles=(16, 32)))
   _assert_grads_close(grads, vjp((d_out, d_lse)), tol)
 
 
@@ -330,13 +344,14 @@ def test_exact_backward_from_merged_statistics(seed, implementation):
   merge (out and lse cotangents, and none: ``d_lse=None``). Includes rows empty in the other
   part and rows empty in both (batch 1, causal rows 0..9 have no valid key)."""
   q, k, v, mask = _inputs_77(seed, jnp.float32)
-  attend = lambda q, k, v: flash_attention(q, k, v, mask, True, 0.2, 32, "xla")
+  attend = lambda q, k, v: flash_attention(q, k, v, mask, True, 0.2, 32)
   prior = _random_prior(seed, *attend(q, k, v))
   (out, lse), vjp = jax.vjp(lambda *x: merge_attention(*prior, *attend(*x)), q, k, v)
   assert np.all(np.isneginf(np.asarray(lse[1, :, :5])))
   d_out, d_lse = _cotangents(seed, out, lse)
   for cot_lse in (d_lse, None):
-    got = kernel_backward(q, k, v, mask, out, lse, d_out, cot_lse, True, 0.2, 32, implementation)
+    got = kernel_backward(q, k, v, mask, out, lse, d_out, cot_lse, True, 0.2, 32,
+                          backends.resolve(implementation))
     want = vjp((d_out, jnp.zeros_like(d_lse) if cot_lse is None else d_lse))
     _assert_grads_close(got, want, 1e-5)
 
@@ -356,7 +371,7 @@ def test_blocked_vjp_matches_autodiff(seed, implementation, monkeypatch):
 
   fast = lambda q, k, v, k_s, v_s, log_w: blocked_attention(
       q, k, v, SortPlan(q_perm, k_perm), SampleSet(k_s, v_s, pos, n_valid, log_w), None, 0.35,
-      16, window, implementation)
+      16, window, backends.resolve(implementation))
   plain = _xla_stage(args, 0.35, 16, window)
   grads = lambda stage: jax.jit(jax.grad(functools.partial(loss, stage),
                                           argnums=tuple(range(6))))(*diff)

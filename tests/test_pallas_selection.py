@@ -11,16 +11,17 @@ import pytest
 
 from conftest import make_qkv, rel_err
 from hyperattn_jax import hyper_attention, reference
+from hyperattn_jax import backends
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax.folding import embed_rows
 from hyperattn_jax.merge import merge_attention, output_delta
 from hyperattn_jax import selection as selection_lib
 from hyperattn_jax.selection import Selection
-from pallas_kernels import blocked_attention_bwd_pallas, blocked_attention_pallas
+from pallas_kernels.triton import blocked_attention_bwd_pallas, blocked_attention_pallas
 from test_options import SMALL, _mask
 from test_pallas_kernels import (BLOCKED, _assert_grads_close, _assert_lse_close,
                                  _blocked_inputs, _cotangents, _dims, _random_prior,
-                                 _stage_args, _window_grads)
+                                 _stage_args, _window_grads, kernel_kw)
 
 
 def _random_selection(seed, args, window, nb, s):
@@ -41,7 +42,7 @@ def _stage(args, selection, scale, bs, window):
   _, _, _, sort, samples = _stage_args(args)
   return lambda q, k, v, k_s, v_s, w: blocked_lib.blocked_attention_fwd(
       q, k, v, sort, dataclasses.replace(samples, k=k_s, v=v_s, log_weight=w), selection, scale,
-      bs, window, "xla")
+      bs, window, backends.XLA)
 
 
 SELECT_CASES = [  # shape, selected rows per block, dtype, forward atol, gradient tolerance
@@ -60,7 +61,8 @@ def test_selected_keys_kernels_match_xla(seed, shape, s, dtype, atol, tol):
   q, k, v, _, _, k_s, v_s, _, _, log_w = args
   scale, nb, bs = dims[-1] ** -0.5, dims[3], dims[5]
   selection = _random_selection(seed, args, window, nb, s)
-  kw = dict(scale=scale, block_size=bs, window=window, block_q=16, block_k=16)
+  kw = dict(scale=scale, block_size=bs,
+            **kernel_kw(window, (16, 16), sample_groups=2 * q.shape[0]))  # two partials each
   stage = _stage(args, selection, scale, bs, window)
   ref_out, ref_lse = stage(q, k, v, k_s, v_s, log_w)
   out, lse = blocked_attention_pallas(*args, selection, **kw)
@@ -80,7 +82,7 @@ def test_selected_keys_kernels_match_xla(seed, shape, s, dtype, atol, tol):
   rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
   grads = blocked_attention_bwd_pallas(
       *args, rows(d_out, 1), rows(m_lse, 2), rows(output_delta(m_out, d_out, d_lse), 2),
-      selection, sample_groups=2 * q.shape[0], **kw)
+      selection, **kw)
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 
@@ -124,8 +126,8 @@ def test_run_scores_kernel_matches_xla(seed, dtype):
       jax.random.split(ks[3], p * kh * g)).reshape(p, kh, g, nb * qb)
   perm = jnp.where(perm < q_len, perm, -1).astype(jnp.int32)
   perm = perm.at[1, 0, :, :qb].set(-1)  # a block without a valid query
-  got = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, "pallas")
-  want = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, "xla")
+  got = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, backends.resolve("pallas"))
+  want = selection_lib.run_scores(q, perm, q_off, kmax, kmin, nb, backends.XLA)
   assert got.shape == want.shape == (p, kh, nb, runs)
   assert np.all(np.asarray(got[1, 0, 0]) == -np.inf)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax import HyperAttentionConfig, exact_attention, hyper_attention
+from hyperattn_jax import backends
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax import causal as causal_lib
-from hyperattn_jax import cudnn as cudnn_lib
 from hyperattn_jax import exact as exact_lib
 from hyperattn_jax import lsh
 from hyperattn_jax import merge as merge_lib
@@ -45,7 +45,6 @@ from hyperattn_jax.sharding import head_sharded_hyper_attention
 from experiments import provenance
 from experiments import timing
 from experiments.benchmarks import common
-import pallas_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
@@ -143,6 +142,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   jit(forward), per stage. For Pallas, optionally the blocked kernels (rows by index): forward and
   backward calls timed alone."""
   scale = FLAGS.head_dim ** -0.5
+  backend = backends.resolve(impl)
 
   proj = lsh.draw_projections(rng, k.shape[2], q.shape[-1], config.lsh_num_projs)
   hash_fn = lambda q, k, proj: sorting.sort_keys(q, k, None, proj)
@@ -154,7 +154,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     bs, m = config.block_size, config.sample_size
 
     def sort_sample(kk, vv, qq, qc, kc):  # the plan from the hashed codes, its samples' rows
-      plan = plan_lib.build_plan(qq, kk, vv, None, rng, config, window, impl, (qc, kc))
+      plan = plan_lib.build_plan(qq, kk, vv, None, rng, config, window, backend, (qc, kc))
       return plan.sort, plan.samples.gather(kk, vv, window)
 
     def sample_rows(*a):  # what the backward differentiates: the samples' k/v rows
@@ -165,19 +165,19 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     sort, samples = jax.jit(sort_sample)(kk, vv, qq, *codes)
     blocked = lambda qq, kk, vv, k_s, v_s, lw, sort, pos, n_valid: blocked_lib.blocked_attention(
         qq, kk, vv, sort, plan_lib.SampleSet(k_s, v_s, pos, n_valid, lw), None, scale, bs, window,
-        impl)
+        backend)
     res = {"sort_samples": _fwd_bwd_ms(sample_rows, (kk, vv, qq, *codes), 2),
            "blocked": _fwd_bwd_ms(blocked, (qq, kk, vv, samples.k, samples.v,
                                             samples.log_weight, sort, samples.pos,
                                             samples.n_valid), 6)}
     res["blocked"]["fwd_tflops"] = (4 * b * nq * window.q_len * (bs + m) * hd /
                                     res["blocked"]["fwd_ms"] / 1e9)
-    if impl == "pallas" and FLAGS.breakdown_kernels:
+    if backend.kernels is not None and FLAGS.breakdown_kernels:
       args = (qq, kk, vv, sort.q_perm, sort.k_perm, samples.k, samples.v, samples.pos,
               samples.n_valid, samples.log_weight)
-      kw = dict(scale=scale, block_size=bs, window=window)
-      fwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_pallas(*a, **kw))
-      bwd = jax.jit(lambda *a: pallas_kernels.blocked_attention_bwd_pallas(*a, **kw))
+      kw = dict(scale=scale, block_size=bs, **window._asdict(), **backend.options)
+      fwd = jax.jit(lambda *a: backend.kernels.blocked_attention_pallas(*a, **kw))
+      bwd = jax.jit(lambda *a: backend.kernels.blocked_attention_bwd_pallas(*a, **kw))
       kernels = res["kernels_rows_by_index"] = {}
       try:
         out, lse = fwd(*args)
@@ -199,14 +199,16 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
   # The base case by each kernel that can run it (the library picks cuDNN where it can); the
   # backward as in training: from the final (out, lse), no lse cotangent.
   folded = (fold(q), fold(k), fold(v))
-  kernels = ["xla"] if impl == "xla" else ["pallas"] + (
-      ["cudnn"] if cudnn_lib.available(folded[0], None) else [])
+  kernels = {impl: backend}
+  on_cudnn = backends.exact_backend(backend, folded[0], None)
+  if on_cudnn.cudnn:
+    kernels["cudnn"] = on_cudnn
   result = {**hashed, "levels": []}
-  for kernel in kernels:
+  for name, kernel in kernels.items():
     # out only, as in training: the lse gets no cotangent (cuDNN's backward can run).
     base_fn = lambda q, k, v, kernel=kernel: exact_lib.flash_attention(
         q, k, v, None, True, scale, config.exact_chunk_size, kernel)[0]
-    result[f"base_case_{kernel}"] = _fwd_bwd_ms(base_fn, folded, 3)
+    result[f"base_case_{name}"] = _fwd_bwd_ms(base_fn, folded, 3)
   for d in range(levels):
     parts, half = 2 ** d, n // 2 ** (d + 1)
     pairs = lambda x: x.reshape((b * parts, 2 * half) + x.shape[2:])
@@ -217,7 +219,7 @@ def _stage_breakdown(n: int, causal: bool, config, q, k, v, rng, impl: str):
     qd = pairs(q)[:, half:]
     # Forward only: the recursion's VJP starts every part from the final (out, lse), so no
     # merge is differentiated.
-    if impl == "xla":  # the Pallas kernel merges into the running result in place (no pass)
+    if backend.kernels is None:  # the Pallas kernel merges into the running result in place (no pass)
       level["merge"] = _fwd_bwd_ms(merge_lib.merge_attention, (qd, lse, qd, lse + 1.0), 0)
     result["levels"].append(level)
   return result

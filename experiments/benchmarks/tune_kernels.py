@@ -1,6 +1,6 @@
 """Tile-size sweep of the Pallas kernels on the GPU, forward or backward, checked and timed.
 
-For each (block_q, block_k, num_warps, num_stages) it runs
+For each ``Tiles(block_q, block_k, num_warps, num_stages)`` it runs
 
   * the blocked stage (``blocked_attention_pallas`` / ``blocked_attention_bwd_pallas``, rows by
     index through random permutations) at the shape of one non-causal call, and
@@ -9,13 +9,18 @@ For each (block_q, block_k, num_warps, num_stages) it runs
 
 checks the result against the XLA reference (the XLA blocked stage / chunked exact attention,
 and their autodiff for the backward) and records the median time; cuDNN on the base-case shape
-is timed in the same run for comparison:
+is timed in the same run for comparison. What it finds is printed and written (the JSON's
+``block_sizes``) as a ``BlockSizes``: the defaults with each swept kernel's fastest tiles
+(within ``--max_err``), ready for ``hyper_attention(..., block_sizes=...)``:
 
   python -m experiments.benchmarks.tune_kernels --out=$OUT/tune.json --n=131072 --phase=bwd
+
+  sizes = BlockSizes.from_dict(json.load(open("tune.json"))["block_sizes"])
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from absl import app
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperattn_jax import backends
 from hyperattn_jax import blocked as blocked_lib
 from hyperattn_jax import exact as exact_lib
 from hyperattn_jax import merge as merge_lib
@@ -31,7 +37,7 @@ from hyperattn_jax import plan as plan_lib
 from hyperattn_jax import sampling
 from experiments import provenance
 from experiments.benchmarks import common
-import pallas_kernels
+from pallas_kernels.triton import BlockSizes, Tiles
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "JSON file to write.", required=True)
@@ -77,6 +83,11 @@ def _blocked_inputs(rng):
   return (q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w), kw
 
 
+# The BlockSizes field each case sweeps.
+_FIELDS = {"blocked": "blocked_fwd", "base_case": "flash_fwd", "blocked_bwd": "blocked_bwd",
+           "base_case_bwd": "flash_bwd"}
+
+
 def _base_inputs(rng):
   h, d, s = FLAGS.heads, FLAGS.head_dim, FLAGS.min_seq_len
   parts = FLAGS.n // s
@@ -88,19 +99,25 @@ def _base_inputs(rng):
 
 
 def _cases(b_args, b_kw, base_args, scale):
-  """(name, kernel(tiles) -> fn, args, reference fn) of the chosen pass. Every array reaches
-  the jitted functions as an argument (closed-over arrays become constants XLA may fold)."""
+  """(name, kernel(block_sizes) -> fn, args, reference fn) of the chosen pass. Every array
+  reaches the jitted functions as an argument (closed-over arrays become constants XLA may
+  fold)."""
   def xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w):
     return blocked_lib.blocked_attention_fwd(
         q, k, v, plan_lib.SortPlan(q_perm, k_perm),
         plan_lib.SampleSet(k_s, v_s, pos, n_valid, log_w), None, b_kw["scale"],
-        b_kw["block_size"], b_kw["window"], "xla")
-  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512, "xla")
+        b_kw["block_size"], b_kw["window"], backends.XLA)
+  xla_base = lambda q, k, v, m: exact_lib.flash_attention(q, k, v, m, True, scale, 512)
+  backend = backends.resolve("pallas")
+  kernels = backend.kernels
+  kw = dict(scale=b_kw["scale"], block_size=b_kw["block_size"], **b_kw["window"]._asdict(),
+            interpret=backend.interpret)
   if FLAGS.phase == "fwd":
-    return (("blocked", lambda t: lambda *a: pallas_kernels.blocked_attention_pallas(
-                 *a, **b_kw, **t), b_args, xla_blocked),
-            ("base_case", lambda t: lambda q, k, v, m: pallas_kernels.flash_attention_pallas(
-                 q, k, v, m, True, scale, **t), base_args, xla_base))
+    return (("blocked", lambda t: lambda *a: kernels.blocked_attention_pallas(
+                 *a, **kw, block_sizes=t), b_args, xla_blocked),
+            ("base_case", lambda t: lambda q, k, v, m: kernels.flash_attention_pallas(
+                 q, k, v, m, True, scale, block_sizes=t, interpret=kw["interpret"]), base_args,
+             xla_base))
   out, lse = jax.jit(xla_blocked)(*b_args)
   # Cotangents: d_out = out, no lse cotangent (the window is every row: stats in q's rows).
   stats = (out, lse, merge_lib.output_delta(out, out))
@@ -110,15 +127,18 @@ def _cases(b_args, b_kw, base_args, scale):
     fwd = lambda q, k, v: xla_blocked(q, k, v, q_perm, k_perm, k_s, v_s, pos, n_valid, log_w)
     return jax.vjp(fwd, q, k, v)[1]((d_out, jnp.zeros_like(lse)))
 
-  def ref_base(q, k, v, m, out, lse, d_out, d_lse):
-    del out, lse
-    return jax.vjp(lambda q, k, v: xla_base(q, k, v, m), q, k, v)[1]((d_out, d_lse))
+  def ref_base(q, k, v, m, d_out, lse, delta):
+    del delta
+    return jax.vjp(lambda q, k, v: xla_base(q, k, v, m), q, k, v)[1]((d_out,
+                                                                      jnp.zeros_like(lse)))
   b_out, b_lse = jax.jit(xla_base)(*base_args)
-  return (("blocked_bwd", lambda t: lambda *a: pallas_kernels.blocked_attention_bwd_pallas(
-               *a, **b_kw, **t)[:3], b_args + stats, ref_b),
-          ("base_case_bwd", lambda t: lambda *a: pallas_kernels.flash_attention_bwd_pallas(
-               *a, True, scale, **t), base_args + (b_out, b_lse, b_out, jnp.zeros_like(b_lse)),
-           ref_base))
+  # The flash backward's arguments: d_out = out, lse, delta (no lse cotangent).
+  base_stats = (b_out, b_lse, merge_lib.output_delta(b_out, b_out))
+  return (("blocked_bwd", lambda t: lambda *a: kernels.blocked_attention_bwd_pallas(
+               *a, **kw, block_sizes=t)[:3], b_args + stats, ref_b),
+          ("base_case_bwd", lambda t: lambda *a: kernels.flash_attention_bwd_pallas(
+               *a, True, scale, block_sizes=t, interpret=kw["interpret"]),
+           base_args + base_stats, ref_base))
 
 
 def main(argv):
@@ -148,14 +168,14 @@ def main(argv):
                                                      FLAGS.num_warps, FLAGS.num_stages,
                                                      FLAGS.sample_groups)))
   for bq, bk, warps, stages, groups in combos:
-    tiles = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+    tiles = Tiles(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
     for name, make, args, _ in cases:
       if name != "blocked_bwd" and groups != int(FLAGS.sample_groups[0]):
         continue  # the other kernels have no sample groups: time them once
-      kw = {**tiles, "sample_groups": groups} if name == "blocked_bwd" else tiles
-      rec = {"kernel": name, **kw}
+      extra = {"sample_groups": groups} if name == "blocked_bwd" else {}
+      rec = {"kernel": name, **dataclasses.asdict(tiles), **extra}
       try:
-        jfn = jax.jit(make(kw))
+        jfn = jax.jit(make(BlockSizes(**{_FIELDS[name]: tiles}, **extra)))
         got = jax.tree.leaves(jfn(*args))
         rec["max_abs_err_vs_xla"] = max(_max_err(a, b) for a, b in zip(got, jax.tree.leaves(
             refs[name])))
@@ -164,14 +184,33 @@ def main(argv):
         rec["error"] = common.error_text(e, 200)
       records.append(rec)
       print(rec, flush=True)
+  best = _best(records)
+  sizes = _best_block_sizes(best)
+  print("best:", best)
+  print("block_sizes =", sizes)
+  provenance.write_results(FLAGS.out, provenance.run_meta(), records=records, best=best,
+                           block_sizes=dataclasses.asdict(sizes))
+
+
+def _best(records):
+  """{kernel: its fastest record within --max_err}."""
   best = {}
   for rec in records:
     if "median_ms" in rec and rec["kernel"] != "cudnn_base_case" and (
         rec["max_abs_err_vs_xla"] < FLAGS.max_err and
         rec["median_ms"] < best.get(rec["kernel"], {}).get("median_ms", np.inf)):
       best[rec["kernel"]] = rec
-  print("best:", best)
-  provenance.write_results(FLAGS.out, provenance.run_meta(), records=records, best=best)
+  return best
+
+
+def _best_block_sizes(best) -> BlockSizes:
+  """The default BlockSizes with the fastest tiles (and sample groups) of every swept kernel."""
+  fields = {}
+  for name, rec in best.items():
+    fields[_FIELDS[name]] = Tiles(**{f.name: rec[f.name] for f in dataclasses.fields(Tiles)})
+    if "sample_groups" in rec:
+      fields["sample_groups"] = rec["sample_groups"]
+  return BlockSizes(**fields)
 
 
 if __name__ == "__main__":

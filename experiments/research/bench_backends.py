@@ -32,6 +32,7 @@ import numpy as np
 from experiments import provenance
 from experiments import timing
 from experiments.benchmarks import common
+from hyperattn_jax import backends
 from hyperattn_jax import exact
 
 FLAGS = flags.FLAGS
@@ -52,7 +53,7 @@ def _variants():
   out = {"cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0,
                                                                implementation="cudnn"),
          "ours_triton": lambda q, k, v: exact.flash_attention(q, k, v, None, False, 1.0, 512,
-                                                              "pallas")[0]}
+                                                              backends.resolve("pallas"))[0]}
   from jax.experimental.pallas.ops.gpu import attention as triton_mha  # pylint: disable=g-import-not-at-top
   # Its fused backward needs as many query blocks as key blocks.
   bwd_q, bwd_k = max(16, 64 * FLAGS.q_rows // FLAGS.k_rows), 64

@@ -34,7 +34,8 @@ Running arrays (``into=``, a causal level of the recursion): after its key loop 
 merges its (unnormalised) result with the running (out, lse) of its query rows by log-sum-exp
 and writes the merged rows back; dq and the own keys' dk/dv add into the running gradients' rows.
 The running arrays are aliased inputs/outputs (``input_output_aliases``: updated in place, no
-merge or scatter pass); each program owns its rows, so there are no races.
+merge or scatter pass); each program owns its rows, so there are no races. Only a head_dim that
+needs no padding can be updated in place (:func:`in_place`); the caller merges the others.
 
 Scores are kept in base-2 units inside the kernels: ``s = q k^T (scale log2 e) + bias``,
 probabilities ``exp2(s - m)`` (one multiply-add and one ``ex2`` per score instead of the longer
@@ -43,8 +44,8 @@ probabilities ``exp2(s - m)`` (one multiply-add and one ``ex2`` per score instea
 outside, the running lse too).
 
 Key validity (masks, padding, ``n_valid``) is an additive bias row (0 or -inf) per key, so no
-mask tensor of size ``q x k`` exists; where the window promises that every key is valid
-(``RowWindow.all_keys_valid``) and the blocks are full, there is no bias row at all. GQA: the
+mask tensor of size ``q x k`` exists; where the caller promises that every key is valid
+(``all_keys_valid``) and the blocks are full, there is no bias row at all. GQA: the
 group axis is a grid axis (forward, dq) or a loop (dk/dv) over programs reading the same K/V
 rows (no repetition in HBM).
 
@@ -68,60 +69,43 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hyperattn_jax.blocked import RowWindow
-from hyperattn_jax.folding import add_grads, fold_rows, merge_rows
-from hyperattn_jax.merge import output_delta
+from pallas_kernels.triton.block_sizes import BlockSizes, Tiles, check_block_sizes
+from pallas_kernels.triton.common import (LOG2E, NEG_INF, check_array, dot, pad_to,
+                                          pow2_at_least, round_up)
 
 __all__ = ["blocked_attention_pallas", "blocked_attention_bwd_pallas", "flash_attention_pallas",
-           "flash_attention_bwd_pallas"]
+           "flash_attention_bwd_pallas", "in_place"]
 
-_NEG_INF = float("-inf")
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pow2_at_least(x: int, lo: int = 16) -> int:
-  p = lo
-  while p < x:
-    p *= 2
-  return p
-
-
-def _dot(a, b, trans_a=False, trans_b=False):
-  """fp32 accumulation; fp32 operands are multiplied exactly (no TF32), like XLA at HIGHEST."""
-  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False)
 
 
 def _causal(s, q0, k0, query_axis=0):
   """Causal mask of a score tile with queries from ``q0`` and keys from ``k0`` on its axes."""
   q_pos = q0 + lax.broadcasted_iota(jnp.int32, s.shape, query_axis)
   k_pos = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1 - query_axis)
-  return jnp.where(q_pos >= k_pos, s, _NEG_INF)
+  return jnp.where(q_pos >= k_pos, s, NEG_INF)
 
 
 class _Geometry(NamedTuple):
-  """Static shape of one call. Local rows: query ``i`` is row ``q_offset + i`` of q."""
+  """Static shape and launch settings of one call. Local rows: query ``i`` is row ``q_offset +
+  i`` of q."""
   kv_heads: int
   groups: int
   num_blocks: int
-  q_rows: int           # query rows per block (the last may hold fewer valid ones)
   q_len: int            # valid local query rows; outputs have this many rows
   q_offset: int
-  k_rows: int           # keys per block
   k_len: int
   k_offset: int
   block_q: int
   block_k: int
-  tiles_per_block: int  # query tiles per block (block_q * tiles >= q_rows)
-  chunks_per_block: int  # key chunks per block (block_k * chunks >= k_rows)
-  sorted: bool          # rows come from q_perm / k_perm (the blocked stage; else consecutive)
-  causal: bool          # within the block (base case only)
+  tiles_per_block: int  # query tiles per block (block_q * tiles >= the block's query rows)
+  chunks_per_block: int  # key chunks per block (block_k * chunks >= the block's keys)
+  sorted: bool          # rows come from q_perm / k_perm (the blocked stage); else the rows of
+                        # the one block are consecutive (the exact kernels)
+  causal: bool          # within the block (exact kernels only)
   num_warps: int
   num_stages: int
+  interpret: bool       # Pallas' interpreter (off the GPU)
   accumulate: bool = False  # results go into the rows of running arrays (``into=``)
   key_bias: bool = True  # a per-key bias row (0 / -inf) masks invalid keys; False: all valid
   lse_parts: int = 1    # running lse ``[P / lse_parts, N, lse_parts, rows]`` (problem p = its
@@ -175,7 +159,7 @@ def _load_running_lse(geo, ref, p, rows, head):
   """Rows ``q_offset + rows`` of problem ``p`` of a running lse ``[P / lse_parts, N, lse_parts,
   R]`` (``-inf`` on padding rows)."""
   at = geo.q_offset + jnp.maximum(rows, 0)
-  return jnp.where(rows >= 0, ref[p // geo.lse_parts, head, p % geo.lse_parts, at], _NEG_INF)
+  return jnp.where(rows >= 0, ref[p // geo.lse_parts, head, p % geo.lse_parts, at], NEG_INF)
 
 
 def _store_running_lse(geo, ref, p, rows, head, value):
@@ -200,22 +184,22 @@ def _store_results(geo, outs, values, p, rows, head, offset, running=None):
     _store_rows(ref, p, rows, head, value + prior.astype(jnp.float32), offset)
 
 
-def _tile_rows(geo, perm, block, tile):
-  """Local query rows of tile ``tile`` of ``block``: ``perm`` (sorted) or consecutive rows."""
+def _tile_rows(geo, perm, tile):
+  """Local query rows of a tile: ``perm`` (sorted), or tile ``tile`` of the consecutive rows
+  (the exact kernels: one block)."""
   if geo.sorted:
     return perm
   r = tile * geo.block_q + lax.iota(jnp.int32, geo.block_q)
-  limit = jnp.minimum(geo.q_rows, geo.q_len - block * geo.q_rows)  # valid rows of the block
-  return jnp.where(r < limit, block * geo.q_rows + r, -1)
+  return jnp.where(r < geo.q_len, r, -1)
 
 
-def _chunk_keys(geo, perm, block, chunk):
-  """Local key rows of chunk ``chunk`` of ``block`` (``perm``: that chunk of k_perm)."""
+def _chunk_keys(geo, perm, chunk):
+  """Local key rows of a key chunk: ``perm`` (that chunk of k_perm), or chunk ``chunk`` of the
+  consecutive keys (the exact kernels: one block)."""
   if geo.sorted:
     return perm
   c = chunk * geo.block_k + lax.iota(jnp.int32, geo.block_k)
-  limit = jnp.minimum(geo.k_rows, geo.k_len - block * geo.k_rows)
-  return jnp.where(c < limit, block * geo.k_rows + c, -1)
+  return jnp.where(c < geo.k_len, c, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,13 +245,13 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
   the selected keys, then of the samples).
   """
   bk = geo.block_k
-  scale2 = scale * _LOG2E
+  scale2 = scale * LOG2E
 
   def key_chunk(j, carry, masked):
     sl = pl.ds(j * bk, bk)
-    keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, block, j)
+    keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, j)
     k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
-    s = _dot(q, k, trans_b=True) * scale2
+    s = dot(q, k, trans_b=True) * scale2
     if geo.key_bias:
       s = s + refs.bias[sl][None, :]
     if masked:
@@ -290,7 +274,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
       sl = pl.ds(j * bk, bk)
       keys = rows_ref[sl]
       k = _load_rows_or_zeros(refs.k, p, keys, kv, geo.k_offset)
-      s = _dot(q, k, trans_b=True) * scale2 + sel_bias_ref[sl][None, :]
+      s = dot(q, k, trans_b=True) * scale2 + sel_bias_ref[sl][None, :]
       return step(carry, s, k, _load_rows_or_zeros(refs.v, p, keys, kv, geo.k_offset))
     carry = lax.fori_loop(0, geo.select_chunks, selected_chunk, carry)
 
@@ -301,7 +285,7 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
     def sample_chunk(j, carry):
       sl = pl.ds(j * bk, bk)
       k = ks_ref[sl, :]
-      s = _dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :]
+      s = dot(q, k, trans_b=True) * scale2 + sb_ref[sl][None, :]
       if not geo.block_sample_bias:
         s = _own_block_masked(s, sblk_ref[sl], block, j * bk, lo, hi)
       return step(carry, s, k, vs_ref[sl, :])
@@ -314,7 +298,7 @@ def _own_block_masked(s, sample_block, block, col0, lo, hi):
   (``sample_block``: their key blocks) with those in the query block ``block`` masked (counted
   exactly in the block's own keys). The select runs only where the chunk overlaps the block's
   sample columns ``[lo, hi)``."""
-  own = lambda s, b: jnp.where(b[None, :] == block, _NEG_INF, s)
+  own = lambda s, b: jnp.where(b[None, :] == block, NEG_INF, s)
   return lax.cond((col0 < hi) & (col0 + sample_block.shape[0] > lo), own, lambda s, b: s, s,
                   sample_block)
 
@@ -324,7 +308,7 @@ def _query_tile(geo, refs):
   i, t, g = _program_ids(3)
   p, kv = i // geo.kv_heads, i % geo.kv_heads
   block, tile = t // geo.tiles_per_block, t % geo.tiles_per_block
-  rows = _tile_rows(geo, refs.q_perm[...] if geo.sorted else None, block, tile)
+  rows = _tile_rows(geo, refs.q_perm[...] if geo.sorted else None, tile)
   return p, kv, kv * geo.groups + g, block, tile, rows
 
 
@@ -338,13 +322,13 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     del k
     m, l, acc = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     alpha = jnp.exp2(m - m_safe)
     p_ = jnp.exp2(s - m_safe[:, None])
-    return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + _dot(p_.astype(v.dtype),
+    return m_new, l * alpha + jnp.sum(p_, axis=1), acc * alpha[:, None] + dot(p_.astype(v.dtype),
                                                                               v)
 
-  init = (jnp.full((block_q,), _NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+  init = (jnp.full((block_q,), NEG_INF, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros((block_q, head_dim), jnp.float32))
   m, l, acc = _visit_keys(step, init, q, tile * block_q, block, refs, p, kv, geo=geo,
                           scale=scale)
@@ -353,9 +337,9 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
     # key loop measured slower (HISTORY). Running rows without keys (lse -inf, weight 0) hold
     # zeros, as every writer stores them, so no select guards against other values there.
     out_in, lse_in, o_ref, lse_ref = outs
-    m_run = _load_running_lse(geo, lse_in, p, rows, head) * _LOG2E
+    m_run = _load_running_lse(geo, lse_in, p, rows, head) * LOG2E
     m_tot = jnp.maximum(m, m_run)
-    m_safe = jnp.where(m_tot == _NEG_INF, 0.0, m_tot)
+    m_safe = jnp.where(m_tot == NEG_INF, 0.0, m_tot)
     alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_run - m_safe)
     out_run = _load_rows(out_in, p, rows, head, geo.q_offset).astype(jnp.float32)
     acc = acc * alpha[:, None] + out_run * beta[:, None]
@@ -365,7 +349,7 @@ def _fwd_kernel(q_ref, *refs, geo, scale, has_samples):
   has = l != 0  # 0 on rows without a valid key; NaN (a NaN input) propagates
   l_safe = jnp.where(has, l, 1.0)
   out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
-  lse = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, _NEG_INF)
+  lse = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, NEG_INF)
   if geo.accumulate:
     _store_rows(o_ref, p, rows, head, out, geo.q_offset)
     _store_running_lse(geo, lse_ref, p, rows, head, lse)
@@ -384,8 +368,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
 
   def step(dq, s, k, v):
     p_ = jnp.exp2(s - lse2[:, None])
-    ds = p_ * (_dot(do, v, trans_b=True) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = p_ * (dot(do, v, trans_b=True) - delta[:, None])
+    return dq + dot(ds.astype(k.dtype), k)
 
   # The running dq rows (into=) are loaded with q, not after the loop.
   running = [_load_rows(outs[0], p, rows, head, geo.q_offset)] if geo.accumulate else None
@@ -394,8 +378,62 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, has_samples
   _store_results(geo, outs, (dq,), p, rows, head, geo.q_offset, running)
 
 
-def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_per_program,
-                 chunks_per_program, samples, weight_grad):
+def _chunk_grads(rows_in, refs, p, kv, k, v, bias, first_block, col0, n_dw, *, geo, scale,
+                 blocks_per_program, samples):
+  """(dk, dv[, dw]) float32 of keys k/v ``[block_k, H]`` (from column ``col0`` of their block;
+  ``bias`` ``[block_k]`` or None) of problem ``p``, kv head ``kv`` over the query tiles of
+  ``blocks_per_program`` blocks from ``first_block`` (``rows_in``: the q, dO, lse, delta refs);
+  ``n_dw`` 1: with the log-weights' gradient (the samples' row sums of the score gradient)."""
+  q_ref, do_ref, lse_ref, delta_ref = rows_in
+  bk, bq, tpb = geo.block_k, geo.block_q, geo.tiles_per_block
+  scale2 = scale * LOG2E
+
+  def query_tile(t, carry, g, masked):
+    dk, dv, *dw = carry
+    # lax.div/rem (t >= 0): jnp's // and % inside a static-trip-count loop fail to lower in
+    # jax 0.11's Triton backend (operand types i32 vs i1).
+    tpb_ = jnp.int32(tpb)
+    block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
+    head = kv * geo.groups + g
+    rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, tile)
+    q = _load_rows(q_ref, p, rows, head, geo.q_offset)
+    do = _load_rows(do_ref, p, rows, head, geo.q_offset)
+    lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
+    delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
+    s = dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
+    if bias is not None:
+      s = s + bias[:, None]
+    if samples and geo.block_sample_bias:  # the bias row of the tile's block
+      s = s + refs.samples[2][lax.div(t, tpb_), :][:, None]
+    elif samples:  # a select on every tile (the span's per-tile test measured slower)
+      s = jnp.where(refs.samples[3][...][:, None] == block, NEG_INF, s)
+    if masked:  # keys on the rows, queries on the columns
+      s = _causal(s, tile * bq, col0, query_axis=1)
+    p_ = jnp.exp2(s - lse2[None, :])
+    ds = p_ * (dot(v, do, trans_b=True) - delta[None, :])
+    return (dk + dot(ds.astype(q.dtype), q), dv + dot(p_.astype(do.dtype), do),
+            *(w + jnp.sum(ds, axis=1) for w in dw))
+
+  n_tiles = blocks_per_program * tpb
+
+  def head_loop(g, carry):
+    if not geo.causal:
+      return lax.fori_loop(0, n_tiles, functools.partial(query_tile, g=g, masked=False), carry)
+    # Query tiles above the chunk see none of its keys; those crossing the diagonal are masked.
+    first = col0 // bq
+    unmasked = jnp.minimum(n_tiles, (col0 + bk + bq - 1) // bq)
+    carry = lax.fori_loop(first, unmasked, functools.partial(query_tile, g=g, masked=True),
+                          carry)
+    return lax.fori_loop(unmasked, n_tiles, functools.partial(query_tile, g=g, masked=False),
+                         carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dw = (jnp.zeros((k.shape[0],), jnp.float32),) * n_dw
+  return lax.fori_loop(0, geo.groups, head_loop, (zeros, zeros, *dw))
+
+
+def _dkdv_kernel(*refs, geo, scale, blocks_per_program, chunks_per_program, samples,
+                 weight_grad):
   """dk, dv of chunks of keys: a block's own keys, or samples against a group of blocks.
 
   Own keys (grid ``(P * Nkv, num_blocks * chunks_per_block / chunks_per_program)``):
@@ -407,61 +445,12 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
   gradient of their log-weights (the row sums of the score gradient ``[block_k, block_q]``: a
   reduction per tile, so only where the log-weights are differentiated).
   """
+  rows_in, refs = refs[:4], refs[4:]
   refs, outs = _split_refs(refs, geo, 4 if samples else 0)
   i, c = _program_ids(3 if samples else 2)[:2]
   p, kv = i // geo.kv_heads, i % geo.kv_heads
-  bk, bq, tpb = geo.block_k, geo.block_q, geo.tiles_per_block
-  scale2 = scale * _LOG2E
-
-  def chunk_grads(k, v, bias, first_block, col0, n_dw):
-    """(dk, dv[, dw]) float32 of keys k/v ``[block_k, H]`` (from column ``col0`` of their block)
-    over the query tiles of ``blocks_per_program`` blocks from ``first_block``."""
-    def query_tile(t, carry, g, masked):
-      dk, dv, *dw = carry
-      # lax.div/rem (t >= 0): jnp's // and % inside a static-trip-count loop fail to lower in
-      # jax 0.11's Triton backend (operand types i32 vs i1).
-      tpb_ = jnp.int32(tpb)
-      block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
-      head = kv * geo.groups + g
-      rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, block,
-                        tile)
-      q = _load_rows(q_ref, p, rows, head, geo.q_offset)
-      do = _load_rows(do_ref, p, rows, head, geo.q_offset)
-      lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
-      delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
-      s = _dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
-      if bias is not None:
-        s = s + bias[:, None]
-      if samples and geo.block_sample_bias:  # the bias row of the tile's block
-        s = s + refs.samples[2][lax.div(t, tpb_), :][:, None]
-      elif samples:  # a select on every tile (the span's per-tile test measured slower)
-        s = jnp.where(refs.samples[3][...][:, None] == block, _NEG_INF, s)
-      if masked:  # keys on the rows, queries on the columns
-        s = _causal(s, tile * bq, col0, query_axis=1)
-      p_ = jnp.exp2(s - lse2[None, :])
-      ds = p_ * (_dot(v, do, trans_b=True) - delta[None, :])
-      return (dk + _dot(ds.astype(q.dtype), q), dv + _dot(p_.astype(do.dtype), do),
-              *(w + jnp.sum(ds, axis=1) for w in dw))
-
-    n_tiles = blocks_per_program * tpb
-
-    def head_loop(g, carry):
-      if not geo.causal or samples:
-        return lax.fori_loop(0, n_tiles, functools.partial(query_tile, g=g, masked=False),
-                             carry)
-      # Query tiles above the chunk see none of its keys; those crossing the diagonal are
-      # masked.
-      first = col0 // bq
-      unmasked = jnp.minimum(n_tiles, (col0 + bk + bq - 1) // bq)
-      carry = lax.fori_loop(first, unmasked, functools.partial(query_tile, g=g, masked=True),
-                            carry)
-      return lax.fori_loop(unmasked, n_tiles, functools.partial(query_tile, g=g, masked=False),
-                           carry)
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dw = (jnp.zeros((k.shape[0],), jnp.float32),) * n_dw
-    return lax.fori_loop(0, geo.groups, head_loop, (zeros, zeros, *dw))
-
+  chunk_grads = functools.partial(_chunk_grads, rows_in, refs, p, kv, geo=geo, scale=scale,
+                                  blocks_per_program=blocks_per_program, samples=samples)
   if samples:
     ks_ref, vs_ref, sb_ref = refs.samples[:3]
     dk_ref, dv_ref, *dw_ref = outs
@@ -474,13 +463,12 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, geo, scale, blocks_pe
       ref[...] = value
     return
 
-  cpp = chunks_per_program
+  cpp, bk = chunks_per_program, geo.block_k
   block, chunk0 = (c * cpp) // geo.chunks_per_block, (c * cpp) % geo.chunks_per_block
 
   def load(j):
     """Chunk ``j`` of the program: its key rows, k, v (and the running dk/dv rows)."""
-    keys = _chunk_keys(geo, refs.k_perm[pl.ds(j * bk, bk)] if geo.sorted else None, block,
-                       chunk0 + j)
+    keys = _chunk_keys(geo, refs.k_perm[pl.ds(j * bk, bk)] if geo.sorted else None, chunk0 + j)
     running = [_load_rows(ref, p, keys, kv, geo.k_offset) for ref in outs[:2]
                ] if geo.accumulate else None
     return (keys, _load_rows(refs.k, p, keys, kv, geo.k_offset),
@@ -536,12 +524,10 @@ def _pallas_call(kernel, geo, grid, in_specs, out_specs, out_shape, name, runnin
       out_shape=out_shape,
       input_output_aliases={n_in - len(running) + i: i for i in range(len(running))},
       compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
-      interpret=jax.default_backend() != "gpu", name=name)
+      interpret=geo.interpret, name=name)
 
 
 _WHOLE = pl.no_block_spec  # arrays read or written by row index
-# Key chunks per dk/dv program of a block's own keys (at most; measured best, HISTORY).
-_OWN_CHUNKS_PER_PROGRAM = 2
 
 
 class _Inputs(NamedTuple):
@@ -602,87 +588,36 @@ def _tile_forward(x: _Inputs, geo: _Geometry, *, scale, running=()):
 
 
 def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_groups,
-                   weight_grad, running=()):
+                   key_chunks, weight_grad, running=()):
   """Backward: dq ``[P, q_len, N, H]`` (q's dtype), dk/dv ``[P, k_len, Nkv, H]`` (k's dtype),
-  for the samples float32 (dk, dv, d log-weight) summed over the groups' partials (or None;
-  the log-weight gradient is None unless ``weight_grad``), and for the selected keys float32
-  (dk, dv) ``[P, nb * S_p, Nkv, H]`` at their positions in ``x.selected``'s rows (or None).
-  With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the gradients
-  added to the window's rows instead (the selected keys' apart).
+  for the samples float32 (dk, dv, d log-weight) summed over the ``sample_groups`` partials (or
+  None; the log-weight gradient is None unless ``weight_grad``), and for the selected keys
+  float32 (dk, dv) ``[P, nb * S_p, Nkv, H]`` at their positions in ``x.selected``'s rows (or
+  None). With ``running = (dq like q, dk, dv like k)`` (``geo.accumulate``): those with the
+  gradients added to the window's rows instead (the selected keys' apart). ``key_chunks``: key
+  chunks per own-keys dk/dv program (at most).
 
   do like q; lse (base-2 units, ``+inf`` on rows without keys: ``_lse_base2``) and delta
   ``[P, N, Rq]`` f32 (q's rows).
   """
   p, _, n, h = x.q.shape
-  nkv, bq, bk = geo.kv_heads, geo.block_q, geo.block_k
+  nkv, bk = geo.kv_heads, geo.block_k
   rows_in = (x.q, do, lse, delta)
-  has_samples = bool(x.samples)
-
   specs, arrays = _key_inputs(x, geo)
   dq = _pallas_call(
-      functools.partial(_dq_kernel, geo=geo, scale=scale, has_samples=has_samples),
+      functools.partial(_dq_kernel, geo=geo, scale=scale, has_samples=bool(x.samples)),
       geo, (p * nkv, geo.num_blocks * geo.tiles_per_block, geo.groups), [_WHOLE] * 4 + specs,
       _WHOLE, jax.ShapeDtypeStruct((p, geo.q_len, n, h), x.q.dtype),
       "hyperattn_block_attention_dq", running[:1])(*rows_in, *arrays, *running[:1])
 
-  qb_p = geo.tiles_per_block * bq
-
-  def dkdv(x, geo, samples_mode, blocks_per_program, grid, running=(), chunks_per_program=1):
-    # Specs on the grid (bkv, c, s): own keys have c = group of chunks_per_program key chunks
-    # (s absent), samples have c = group of blocks and s = sample chunk (their bias is the
-    # samples' own).
-    kgeo = geo._replace(key_bias=geo.key_bias and not samples_mode, select_chunks=0)
-    in_specs = [_WHOLE] * 6
-    arrays = [x.k, x.v]
-    keys = chunks_per_program * bk
-    if kgeo.key_bias:
-      kvb = _bias_head(x, geo)
-      in_specs.append(_spec((None, None, keys), lambda i, c: (i // nkv, kvb(i), c)))
-      arrays.append(x.bias)
-    if geo.sorted:
-      rows = blocks_per_program * qb_p
-      if samples_mode:
-        in_specs += [_spec((None, None, geo.groups, rows),
-                           lambda i, c, s: (i // nkv, i % nkv, 0, c)),
-                     _spec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
-      else:
-        per_block = geo.chunks_per_block // chunks_per_program  # programs per block
-        in_specs += [_spec((None, None, geo.groups, rows),
-                           lambda i, c: (i // nkv, i % nkv, 0, c // per_block)),
-                     _spec((None, None, keys), lambda i, c: (i // nkv, i % nkv, c))]
-      arrays += list(x.perms)
-    if samples_mode:
-      m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
-      in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
-      in_specs.append(_spec((None, blocks_per_program, bk), lambda i, c, s: (i, c, s))
-                      if geo.block_sample_bias else _spec((None, bk), lambda i, c, s: (i, s)))
-      in_specs.append(_spec((None, bk), lambda i, c, s: (i, s)))
-      arrays += list(x.samples[:4])  # not the span
-      part = (p * nkv, grid[1], m_p)
-      out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
-      out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
-      if weight_grad:
-        out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
-        out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
-    elif geo.key_partials:
-      out_specs = [_WHOLE, _WHOLE]
-      out_shape = [jax.ShapeDtypeStruct((p, x.perms[1].shape[-1], nkv, h), jnp.float32)] * 2
-    else:
-      out_specs = [_WHOLE, _WHOLE]
-      out_shape = [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
-    kernel = functools.partial(_dkdv_kernel, geo=kgeo, scale=scale,
-                               blocks_per_program=blocks_per_program,
-                               chunks_per_program=chunks_per_program, samples=samples_mode,
-                               weight_grad=weight_grad)
-    return _pallas_call(kernel, kgeo, grid, in_specs, out_specs, out_shape,
-                        "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
-
   def own_keys(x, geo, running=()):
     """dk, dv of each block's keys (those of k_perm): program (bkv, group of key chunks) over
     its block's query rows."""
-    cpp = _largest_divisor(geo.chunks_per_block, _OWN_CHUNKS_PER_PROGRAM)
-    return dkdv(x, geo, False, 1, (p * nkv, geo.num_blocks * geo.chunks_per_block // cpp),
-                running, cpp)
+    cpp = _largest_divisor(geo.chunks_per_block, key_chunks)
+    return _dkdv_call(x, geo, rows_in, scale=scale, weight_grad=weight_grad, samples=False,
+                      blocks_per_program=1,
+                      grid=(p * nkv, geo.num_blocks * geo.chunks_per_block // cpp),
+                      running=running, chunks_per_program=cpp)
 
   dk, dv = own_keys(x, geo, running[1:])
   selected = None
@@ -690,35 +625,104 @@ def _tile_backward(x: _Inputs, geo: _Geometry, do, lse, delta, *, scale, sample_
     rows, bias = x.selected
     selected = own_keys(
         x._replace(bias=bias, perms=(x.perms[0], rows), samples=(), selected=()),
-        geo._replace(chunks_per_block=geo.select_chunks, k_rows=geo.select_chunks * bk,
-                     key_bias=True, accumulate=False, key_partials=True))
+        geo._replace(chunks_per_block=geo.select_chunks, key_bias=True, accumulate=False,
+                     key_partials=True))
   samples = None
-  if has_samples:
+  if x.samples:
     # Samples: program (bkv, group of blocks, sample chunk); the groups' partials are summed.
-    bpg = geo.num_blocks // sample_groups
-    dks, dvs, *dw = (t.sum(axis=1) for t in
-                     dkdv(x, geo, True, bpg, (p * nkv, sample_groups, x.samples[0].shape[1] // bk)))
+    grid = (p * nkv, sample_groups, x.samples[0].shape[1] // bk)
+    dks, dvs, *dw = (t.sum(axis=1) for t in _dkdv_call(
+        x, geo, rows_in, scale=scale, weight_grad=weight_grad, samples=True,
+        blocks_per_program=geo.num_blocks // sample_groups, grid=grid))
     samples = (dks, dvs, dw[0] if dw else None)
   return dq, dk, dv, samples, selected
+
+
+def _dkdv_call(x: _Inputs, geo: _Geometry, rows_in, *, scale, weight_grad, samples,
+               blocks_per_program, grid, running=(), chunks_per_program=1):
+  """One launch of :func:`_dkdv_kernel` on ``grid`` (bkv, c[, s]): own keys have c = group of
+  ``chunks_per_program`` key chunks (s absent), samples have c = group of blocks and s =
+  sample chunk (their bias is the samples' own)."""
+  kgeo = geo._replace(key_bias=geo.key_bias and not samples, select_chunks=0)
+  in_specs, arrays = _dkdv_inputs(x, geo, kgeo.key_bias, samples, blocks_per_program,
+                                  chunks_per_program)
+  out_specs, out_shape = _dkdv_outputs(x, geo, samples, weight_grad, grid[1])
+  kernel = functools.partial(_dkdv_kernel, geo=kgeo, scale=scale,
+                             blocks_per_program=blocks_per_program,
+                             chunks_per_program=chunks_per_program, samples=samples,
+                             weight_grad=weight_grad)
+  return _pallas_call(kernel, kgeo, grid, in_specs, out_specs, out_shape,
+                      "hyperattn_block_attention_dkdv", running)(*rows_in, *arrays, *running)
+
+
+def _dkdv_inputs(x: _Inputs, geo: _Geometry, key_bias, samples, blocks_per_program,
+                 chunks_per_program):
+  """Specs and arrays of a dk/dv launch's inputs after (q, dO, lse, delta)."""
+  nkv, bk = geo.kv_heads, geo.block_k
+  in_specs = [_WHOLE] * 6
+  arrays = [x.k, x.v]
+  keys = chunks_per_program * bk
+  if key_bias:
+    kvb = _bias_head(x, geo)
+    in_specs.append(_spec((None, None, keys), lambda i, c: (i // nkv, kvb(i), c)))
+    arrays.append(x.bias)
+  if geo.sorted:
+    rows = blocks_per_program * geo.tiles_per_block * geo.block_q
+    if samples:
+      in_specs += [_spec((None, None, geo.groups, rows),
+                         lambda i, c, s: (i // nkv, i % nkv, 0, c)),
+                   _spec((None, None, bk), lambda i, c, s: (i // nkv, i % nkv, 0))]
+    else:
+      per_block = geo.chunks_per_block // chunks_per_program  # programs per block
+      in_specs += [_spec((None, None, geo.groups, rows),
+                         lambda i, c: (i // nkv, i % nkv, 0, c // per_block)),
+                   _spec((None, None, keys), lambda i, c: (i // nkv, i % nkv, c))]
+    arrays += list(x.perms)
+  if samples:
+    hs = x.samples[0].shape[2]
+    in_specs += [_spec((None, bk, hs), lambda i, c, s: (i, s, 0))] * 2
+    in_specs.append(_spec((None, blocks_per_program, bk), lambda i, c, s: (i, c, s))
+                    if geo.block_sample_bias else _spec((None, bk), lambda i, c, s: (i, s)))
+    in_specs.append(_spec((None, bk), lambda i, c, s: (i, s)))
+    arrays += list(x.samples[:4])  # not the span
+  return in_specs, arrays
+
+
+def _dkdv_outputs(x: _Inputs, geo: _Geometry, samples, weight_grad, groups):
+  """Specs and shapes of a dk/dv launch's results: the samples' float32 partials ``[P * Nkv,
+  groups, m_p, H]`` (and their log-weights' ``[P * Nkv, groups, m_p]``), the selected keys'
+  float32 partials at their positions, or dk/dv ``[P, k_len, Nkv, H]``."""
+  p, _, _, h = x.q.shape
+  nkv, bk = geo.kv_heads, geo.block_k
+  if samples:
+    m_p, hs = x.samples[0].shape[1], x.samples[0].shape[2]
+    part = (p * nkv, groups, m_p)
+    out_specs = [_spec((None, None, bk, hs), lambda i, c, s: (i, c, s, 0))] * 2
+    out_shape = [jax.ShapeDtypeStruct(part + (hs,), jnp.float32)] * 2
+    if weight_grad:
+      out_specs.append(_spec((None, None, bk), lambda i, c, s: (i, c, s)))
+      out_shape.append(jax.ShapeDtypeStruct(part, jnp.float32))
+    return out_specs, out_shape
+  if geo.key_partials:
+    return [_WHOLE] * 2, [jax.ShapeDtypeStruct((p, x.perms[1].shape[-1], nkv, h),
+                                               jnp.float32)] * 2
+  return [_WHOLE] * 2, [jax.ShapeDtypeStruct((p, geo.k_len, nkv, h), x.k.dtype)] * 2
 
 
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
 
 
-def _pad_to(x, axis, size, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+def in_place(head_dim: int) -> bool:
+  """Whether the kernels update running arrays (``into=``) of this head_dim in place: those that
+  need no padding (a power of two >= 16)."""
+  return pow2_at_least(head_dim) == head_dim
 
 
 def _pad_head_dim(*xs):
   """Zero-pads the last axis to a power of two >= 16 (a copy only for such head_dims)."""
-  h_p = _pow2_at_least(xs[0].shape[-1])
-  return tuple(_pad_to(x, x.ndim - 1, h_p) for x in xs)
+  h_p = pow2_at_least(xs[0].shape[-1])
+  return tuple(pad_to(x, x.ndim - 1, h_p) for x in xs)
 
 
 def _largest_divisor(n: int, target: int) -> int:
@@ -729,7 +733,76 @@ def _largest_divisor(n: int, target: int) -> int:
 def _per_block(x, nb, size, value):
   """``[..., nb * rows]`` -> ``[..., nb * size]``, each block padded with ``value``."""
   x = x.reshape(x.shape[:-1] + (nb, x.shape[-1] // nb))
-  return _pad_to(x, x.ndim - 1, size, value).reshape(x.shape[:-2] + (nb * size,))
+  return pad_to(x, x.ndim - 1, size, value).reshape(x.shape[:-2] + (nb * size,))
+
+
+class _Window(NamedTuple):
+  """The problem's rows (static): queries ``[q_offset, q_offset + q_len)`` of q, keys
+  ``[k_offset, k_offset + k_len)`` of k/v; ``all_keys_valid``: the caller promises that every
+  key of the window is valid (then full blocks need no per-key bias)."""
+  q_offset: int
+  q_len: int
+  k_offset: int
+  k_len: int
+  all_keys_valid: bool
+
+
+def _check_qkv(q, k, v, q_rows: str, k_rows: str):
+  """q ``[P, q_rows, N, H]``, k/v ``[P, k_rows, Nkv, H]`` of one floating dtype, ``N`` a
+  multiple of ``Nkv``."""
+  check_array("q", q, (("P", None), (q_rows, None), ("N", None), ("H", None)), "float")
+  p, _, n, h = q.shape
+  check_array("k", k, (("P", p), (k_rows, None), ("Nkv", None), ("H", h)), "float", q.dtype)
+  rk, kh = k.shape[1:3]
+  check_array("v", v, (("P", p), (k_rows, rk), ("Nkv", kh), ("H", h)), "float", q.dtype)
+  if n % kh:
+    raise ValueError(f"q: N = {n} query heads must be a multiple of Nkv = {kh}")
+
+
+def _check_blocked(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                   selection, block_size, window: _Window, block_sizes):
+  """The blocked wrappers' argument checks (ValueErrors naming the argument)."""
+  _check_qkv(q, k, v, "Rq", "Rk")
+  p, rq, n, h = q.shape
+  rk, kh = k.shape[1:3]
+  if not (isinstance(block_size, int) and block_size > 0):
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  check_array("k_perm", k_perm, (("P", p), ("Nkv", kh), ("nb * block_size", None)), "int")
+  nb = k_perm.shape[2] // block_size
+  if nb == 0 or k_perm.shape[2] % block_size:
+    raise ValueError(f"k_perm: expected [P, Nkv, nb * block_size] with block_size = "
+                     f"{block_size}, got {k_perm.shape}")
+  check_array("q_perm", q_perm, (("P", p), ("Nkv", kh), ("G", n // kh), ("nb * qb", None)),
+              "int")
+  if q_perm.shape[3] % nb:
+    raise ValueError(f"q_perm: expected [P, Nkv, G, nb * qb] with nb = {nb}, got "
+                     f"{q_perm.shape}")
+  m = k_samp.shape[2] if k_samp.ndim == 4 else None
+  for name, x in (("k_samp", k_samp), ("v_samp", v_samp)):
+    check_array(name, x, (("P", p), ("Nkv", kh), ("m", m), ("H", h)), "float", q.dtype)
+  check_array("samp_pos", samp_pos, (("P", p), ("Nkv", kh), ("m", m)), "int")
+  check_array("n_valid", n_valid, (("P", p),), "int")
+  check_array("log_weight", log_weight, (("P", p), ("Nkv", kh), ("m", m)), "float")
+  if selection is not None:
+    rows, keep, drop = selection
+    check_array("selection.rows", rows, (("P", p), ("Nkv", kh), ("nb", nb), ("S", None)), "int")
+    check_array("selection.keep", keep, (("P", p), ("Nkv", kh), ("nb", nb), ("S", rows.shape[3])),
+                "bool")
+    check_array("selection.drop_samples", drop, (("P", p), ("Nkv", kh), ("nb", nb), ("m", m)),
+                "bool")
+  if not (0 <= window.q_offset and window.q_offset + window.q_len <= rq and
+          0 <= window.k_offset and window.k_offset + window.k_len <= rk):
+    raise ValueError(f"window {window} lies outside the Rq = {rq} rows of q or the Rk = {rk} "
+                     "rows of k")
+  check_block_sizes(block_sizes)
+
+
+def _check_stats(q, d_out, lse, delta):
+  """The backward's d_out (like q ``[P, R, N, H]``), lse and delta (``[P, N, R]`` float)."""
+  p, r, n, h = q.shape
+  check_array("d_out", d_out, (("P", p), ("R", r), ("N", n), ("H", h)), "float")
+  for name, x in (("lse", lse), ("delta", delta)):
+    check_array(name, x, (("P", p), ("N", n), ("R", r)), "float")
 
 
 class _Blocked(NamedTuple):
@@ -738,16 +811,15 @@ class _Blocked(NamedTuple):
 
 
 def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
-                    selection, *, block_size, window: RowWindow, block_q, block_k, num_warps,
-                    num_stages):
-  p, _, n, h = q.shape
+                    selection, *, block_size, window: _Window, tiles: Tiles, interpret):
+  """The kernels' arrays (padded to whole tiles) and geometry of a blocked call."""
+  p, _, _, h = q.shape
   kh, g = q_perm.shape[1], q_perm.shape[2]
   nb = k_perm.shape[-1] // block_size
   qb, m = q_perm.shape[-1] // nb, k_samp.shape[2]
-  bq = min(block_q, _pow2_at_least(qb))
-  qb_p, bs_p, m_p = _round_up(qb, bq), _round_up(block_size, block_k), _round_up(m, block_k)
+  bq, bk = min(tiles.block_q, pow2_at_least(qb)), tiles.block_k
+  qb_p, bs_p, m_p = round_up(qb, bq), round_up(block_size, bk), round_up(m, bk)
   q, k, v = _pad_head_dim(q, k, v)
-  h_p = q.shape[-1]
 
   # Full blocks of keys the window promises valid need no bias row (nor its add per score).
   key_bias = not (window.all_keys_valid and bs_p == block_size
@@ -757,44 +829,59 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
     j = jnp.arange(bs_p)
     pos = jnp.arange(nb)[:, None] * block_size + j[None, :]
     valid = (j[None, :] < block_size) & (pos < n_valid[:, None, None])          # [P, nb, bs_p]
-    bias = jnp.broadcast_to(jnp.where(valid, 0.0, _NEG_INF).astype(jnp.float32)[:, None],
+    bias = jnp.broadcast_to(jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)[:, None],
                             (p, kh, nb, bs_p)).reshape(p, kh, nb * bs_p)
-  samp = lambda x: _pad_to(_pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
+  samples = _sample_arrays(k_samp, v_samp, samp_pos, log_weight, nb, block_size, m_p,
+                           q.shape[-1])
+  selected, select_chunks = (), 0
+  if selection is not None:
+    selected, select_chunks, s_bias = _selected_arrays(selection, samples[3][:, :m], samples[2],
+                                                       nb, bk)
+    samples = samples[:2] + (s_bias,) + samples[3:]
+  perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
+  geo = _Geometry(kv_heads=kh, groups=g, num_blocks=nb, q_len=window.q_len,
+                  q_offset=window.q_offset, k_len=window.k_len, k_offset=window.k_offset,
+                  block_q=bq, block_k=bk, tiles_per_block=qb_p // bq,
+                  chunks_per_block=bs_p // bk, sorted=True, causal=False,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret,
+                  key_bias=key_bias, select_chunks=select_chunks,
+                  block_sample_bias=bool(select_chunks))
+  return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo)
+
+
+def _sample_arrays(k_samp, v_samp, samp_pos, log_weight, nb, block_size, m_p, h_p):
+  """The samples' kernel arrays: k, v ``[P * Nkv, m_p, h_p]``, bias (the log-weights in base-2
+  units, ``-inf`` padding) and block (``-1`` padding) ``[P * Nkv, m_p]``, span ``[P * Nkv, 2,
+  nb]``."""
+  p, kh, m, h = k_samp.shape
+  samp = lambda x: pad_to(pad_to(x.reshape(p * kh, m, h), 1, m_p), 2, h_p)
   blk = (samp_pos // block_size).reshape(p * kh, m).astype(jnp.int32)  # each sample's block
-  s_bias = _pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * _LOG2E, 1, m_p,
-                   _NEG_INF)
+  s_bias = pad_to(log_weight.astype(jnp.float32).reshape(p * kh, m) * LOG2E, 1, m_p, NEG_INF)
   # Each block's samples lie in columns [lo, hi) (one or two chunks when the positions are
   # ascending, as hyper_attention draws them): only chunks there mask the query block's own
   # samples.
   rows, col = jnp.arange(p * kh)[:, None], jnp.arange(m, dtype=jnp.int32)[None, :]
   span = jnp.stack([jnp.full((p * kh, nb), m, jnp.int32).at[rows, blk].min(col),
                     jnp.zeros((p * kh, nb), jnp.int32).at[rows, blk].max(col + 1)], axis=1)
-  selected, select_chunks = (), 0
-  if selection is not None:
-    # Each block's selected rows and their bias (0 kept, -inf not), padded to whole chunks; the
-    # samples' bias becomes per block, -inf on the block's own and dropped samples.
-    s_p = _round_up(selection.rows.shape[-1], block_k)
-    per_block = lambda x, value: _per_block(x.reshape(p, kh, -1), nb, s_p, value)
-    selected = (per_block(selection.rows, -1),
-                per_block(jnp.where(selection.keep, 0.0, _NEG_INF).astype(jnp.float32), _NEG_INF))
-    select_chunks = s_p // block_k
-    out_of_residual = ((blk[:, None, :] == jnp.arange(nb, dtype=jnp.int32)[None, :, None])
-                       | selection.drop_samples.reshape(p * kh, nb, m))
-    s_bias = _pad_to(jnp.where(out_of_residual, _NEG_INF, s_bias[:, None, :m]), 2, m_p,
-                     _NEG_INF)                                            # [P * Nkv, nb, m_p]
-  samples = (samp(k_samp), samp(v_samp), s_bias, _pad_to(blk, 1, m_p, -1), span)
-  perms = (_per_block(q_perm, nb, qb_p, -1), _per_block(k_perm, nb, bs_p, -1))
-  geo = _Geometry(kv_heads=kh, groups=g, num_blocks=nb, q_rows=qb, q_len=window.q_len,
-                  q_offset=window.q_offset, k_rows=block_size, k_len=window.k_len,
-                  k_offset=window.k_offset, block_q=bq, block_k=block_k,
-                  tiles_per_block=qb_p // bq, chunks_per_block=bs_p // block_k, sorted=True,
-                  causal=False, num_warps=num_warps, num_stages=num_stages, key_bias=key_bias,
-                  select_chunks=select_chunks, block_sample_bias=bool(select_chunks))
-  return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo)
+  return samp(k_samp), samp(v_samp), s_bias, pad_to(blk, 1, m_p, -1), span
 
 
-def _tile_kwargs(block_q, block_k, num_warps, num_stages):
-  return dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+def _selected_arrays(selection, blk, s_bias, nb, block_k):
+  """Each block's selected rows and their bias (0 kept, -inf not) ``[P, Nkv, nb * S_p]``,
+  padded to whole chunks, their chunk count, and the samples' bias per block ``[P * Nkv, nb,
+  m_p]`` (-inf on the block's own and dropped samples; ``blk``, ``s_bias``: the samples'
+  blocks ``[P * Nkv, m]`` and bias ``[P * Nkv, m_p]``)."""
+  rows, keep, drop = selection
+  p, kh, _, s = rows.shape
+  m, m_p = blk.shape[1], s_bias.shape[1]
+  s_p = round_up(s, block_k)
+  per_block = lambda x, value: _per_block(x.reshape(p, kh, -1), nb, s_p, value)
+  selected = (per_block(rows, -1),
+              per_block(jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32), NEG_INF))
+  out_of_residual = ((blk[:, None, :] == jnp.arange(nb, dtype=jnp.int32)[None, :, None])
+                     | drop.reshape(p * kh, nb, m))
+  s_bias = pad_to(jnp.where(out_of_residual, NEG_INF, s_bias[:, None, :m]), 2, m_p, NEG_INF)
+  return selected, s_p // block_k, s_bias
 
 
 def _folded(running, q, kind):
@@ -805,97 +892,111 @@ def _folded(running, q, kind):
   if x.shape[0] * parts != q.shape[0] or x.shape[1] != parts * q.shape[1]:
     raise ValueError(f"into: running {kind} {x.shape} does not hold the rows of q {q.shape} "
                      "(expected [P / parts, parts * Rq, ...])")
+  if not in_place(q.shape[-1]):
+    raise ValueError(f"into: the running arrays are updated in place only for a head_dim that "
+                     f"is a power of two >= 16 (in_place), got {q.shape[-1]}")
   return parts
 
 
-def _in_place(lay, q):
-  """Whether the kernels can update running arrays: no head_dim padding."""
-  return lay.inputs.q.shape[-1] == q.shape[-1]
+def _fold(x, parts):
+  """Rows ``[B, parts * R, ...]`` -> ``[B * parts, R, ...]`` (a view)."""
+  return x.reshape((x.shape[0] * parts, x.shape[1] // parts) + x.shape[2:])
 
 
 def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                              log_weight, selection=None, *, scale: float, block_size: int,
-                             window: RowWindow, block_q: int = 64, block_k: int = 64,
-                             num_warps: int = 4, num_stages: int = 2, into=None):
-  """The blocked stage on GPU; same arguments and results as ``blocked.blocked_attention_fwd``.
+                             q_offset: int, q_len: int, k_offset: int, k_len: int,
+                             all_keys_valid: bool = False,
+                             block_sizes: BlockSizes = BlockSizes(), interpret: bool,
+                             into=None):
+  """The blocked stage (``block_sizes.blocked_fwd`` tiles; ``interpret``: Pallas' interpreter).
 
-  q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows in ``window``), q_perm
-  ``[P, Nkv, G, nb * qb]`` / k_perm ``[P, Nkv, nb * block_size]`` local rows in sorted order
-  (-1: padding), k_samp/v_samp ``[P, Nkv, m, H]``, samp_pos ``[P, Nkv, m]``, n_valid ``[P]``,
-  log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse ``[P, N, q_len]`` float32.
-  ``selection``: the ``select_blocks`` option's keys (``rows``/``keep`` ``[P, Nkv, nb, S]``,
-  ``drop_samples`` ``[P, Nkv, nb, m]``, as ``hyperattn_jax.selection.Selection``), or None:
-  each tile also attends to its block's selected rows, loaded by index. ``into``: a running ``(out [B, T, N, H], lse [B, N, T])`` of which q's problems are the folded
-  rows (``folding.py``): returned with the result merged into the window's query rows, in place
-  in the kernel (where head_dim needs no padding; else by XLA). Its rows with lse ``-inf`` get
-  weight 0 and must hold finite values (zeros, as written here). The kernels read q, k, v (and
-  write the results) by index through the permutations: no sorted copies.
+  q ``[P, Rq, N, H]``, k/v ``[P, Rk, Nkv, H]`` (the problem's rows: queries ``[q_offset,
+  q_offset + q_len)``, keys ``[k_offset, k_offset + k_len)``; ``all_keys_valid``: the caller
+  promises every key of them valid), q_perm ``[P, Nkv, G, nb * qb]`` / k_perm ``[P, Nkv, nb *
+  block_size]`` local rows in sorted order (-1: padding; sorted positions ``>= n_valid`` are
+  invalid keys), k_samp/v_samp ``[P, Nkv, m, H]``, samp_pos ``[P, Nkv, m]`` (sorted
+  positions), n_valid ``[P]``, log_weight ``[P, Nkv, m]`` -> out ``[P, q_len, N, H]``, lse
+  ``[P, N, q_len]`` float32. ``selection``: the ``select_blocks`` option's ``(rows, keep,
+  drop_samples)`` (``[P, Nkv, nb, S]`` int32 local key rows (-1: none) / bool, ``[P, Nkv, nb,
+  m]`` bool), or None: each tile also attends to its block's kept selected rows, loaded by
+  index, and leaves the dropped samples out. ``into``: a running ``(out [B, T, N, H], lse [B,
+  N, T])`` of which q's problems are the ``T / Rq`` consecutive row groups of each batch row
+  (head_dim :func:`in_place` only): returned with the result merged into the window's query
+  rows in place. Its rows with lse ``-inf`` get weight 0 and must hold finite values (zeros,
+  as written here). The kernels read q, k, v (and write the results) by index through the
+  permutations: no sorted copies.
   """
+  window = _Window(q_offset, q_len, k_offset, k_len, all_keys_valid)
+  _check_blocked(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                 selection, block_size, window, block_sizes)
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         selection, block_size=block_size, window=window,
-                        **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  if into is None or not _in_place(lay, q):
+                        tiles=block_sizes.blocked_fwd, interpret=interpret)
+  if into is None:
     out, lse = _tile_forward(lay.inputs, lay.geo, scale=scale)
-    out = out[..., :q.shape[-1]]
-    return (out, lse) if into is None else merge_rows(into, out, lse, window.q_offset)
+    return out[..., :q.shape[-1]], lse
   parts = _folded(into, q, "out")
   out, lse = into
   b, n, t = lse.shape
   out, lse = _tile_forward(lay.inputs, lay.geo._replace(accumulate=True, lse_parts=parts),
-                           scale=scale, running=(fold_rows(out, parts),
+                           scale=scale, running=(_fold(out, parts),
                                                  lse.reshape(b, n, parts, t // parts)))
   return out.reshape(into[0].shape), lse.reshape(into[1].shape)
 
 
 def blocked_attention_bwd_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid,
                                  log_weight, d_out, lse, delta, selection=None, *, scale: float,
-                                 block_size: int, window: RowWindow, block_q: int = 64,
-                                 block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                                 sample_groups: int = 8, into=None, weight_grad: bool = True):
+                                 block_size: int, q_offset: int, q_len: int, k_offset: int,
+                                 k_len: int, all_keys_valid: bool = False,
+                                 block_sizes: BlockSizes = BlockSizes(), interpret: bool,
+                                 into=None, weight_grad: bool = True):
   """The stage's gradients from the statistics of the merged result that contains it (its own,
-  or a merge with other parts): same arguments and results as ``blocked.blocked_attention_bwd``
-  (d_out ``[P, Rq, N, H]``, lse/delta ``[P, N, Rq]`` in q's rows).
+  or a merge with other parts): the arguments of :func:`blocked_attention_pallas` and d_out
+  ``[P, Rq, N, H]``, lse and ``delta = rowsum(dO * O) - dlse`` ``[P, N, Rq]`` in q's rows
+  (``block_sizes.blocked_bwd`` tiles).
 
-  Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only),
+  Returns dq ``[P, q_len, N, H]``, dk/dv ``[P, k_len, Nkv, H]`` (the window's rows only; the
+  selected keys' gradients, float32 partials per (block, selected key), scatter-added in),
   dk_samp/dv_samp like the samples and the float32 log-weight gradient ``[P, Nkv, m]`` (None
   without ``weight_grad``: the log-weights are constants, e.g. of the uniform sampler). With
   ``into`` = running ``(dq [B, T, N, H], dk, dv [B, T, Nkv, H])`` of which q/k's problems are
-  the folded rows: those with dq, dk, dv added to the window's rows instead (in the kernels
-  where they can, see :func:`blocked_attention_pallas`). The sample gradients are summed over
-  float32 partials: ``sample_groups`` per (kv head) over all ``P`` problems together, i.e. the
+  the folded rows (head_dim :func:`in_place` only): those with dq, dk, dv added to the
+  window's rows in place instead. The sample gradients are summed over float32 partials:
+  ``block_sizes.sample_groups`` per (kv head) over all ``P`` problems together, i.e. the
   largest divisor of the block count not above ``sample_groups / P`` per problem (batched
   causal levels have enough programs without more, and their partials would cost ``P`` times
-  the memory). ``selection`` as in :func:`blocked_attention_pallas`: the selected keys'
-  gradients are float32 partials per (block, selected key), scatter-added into dk/dv.
+  the memory).
   """
+  window = _Window(q_offset, q_len, k_offset, k_len, all_keys_valid)
+  _check_blocked(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
+                 selection, block_size, window, block_sizes)
+  _check_stats(q, d_out, lse, delta)
   lay = _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, log_weight,
                         selection, block_size=block_size, window=window,
-                        **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  in_place = into is not None and _in_place(lay, q)
+                        tiles=block_sizes.blocked_bwd, interpret=interpret)
   running, geo = (), lay.geo
-  if in_place:
+  if into is not None:
     parts = _folded(into, q, "dq")
-    running, geo = tuple(fold_rows(x, parts) for x in into), geo._replace(accumulate=True)
+    running, geo = tuple(_fold(x, parts) for x in into), geo._replace(accumulate=True)
   (d_out,) = _pad_head_dim(d_out)
+  groups = _largest_divisor(geo.num_blocks, max(1, block_sizes.sample_groups // q.shape[0]))
   dq, dk, dv, (dks, dvs, dw), selected = _tile_backward(
       lay.inputs, geo, d_out, _lse_base2(lse), delta.astype(jnp.float32), scale=scale,
-      sample_groups=_largest_divisor(geo.num_blocks, max(1, sample_groups // q.shape[0])),
+      sample_groups=groups, key_chunks=block_sizes.key_chunks_per_program,
       weight_grad=weight_grad, running=running)
   h, m = q.shape[-1], k_samp.shape[2]
   p, kh = q_perm.shape[:2]
   unsamp = lambda x, like: x[:, :m, :h].reshape(like.shape).astype(like.dtype)
   samples = (unsamp(dks, k_samp), unsamp(dvs, v_samp),
              None if dw is None else dw[:, :m].reshape(p, kh, m))
-  add_selected = lambda dk, dv, offset: (dk, dv) if selected is None else tuple(
-      _add_key_partials(d, part[..., :h], lay.inputs.selected[0], offset)
-      for d, part in zip((dk, dv), selected))
-  if in_place:
-    dk, dv = add_selected(dk, dv, window.k_offset)
-    return (*(g.reshape(x.shape) for g, x in zip((dq, dk, dv), into)), *samples)
   dq, dk, dv = dq[..., :h], dk[..., :h], dv[..., :h]
-  dk, dv = add_selected(dk, dv, 0)
+  if selected is not None:
+    dk, dv = (_add_key_partials(d, part[..., :h], lay.inputs.selected[0],
+                                k_offset if into is not None else 0)
+              for d, part in zip((dk, dv), selected))
   if into is not None:
-    dq, dk, dv = add_grads(into, (dq, dk, dv), window.q_offset, window.k_offset)
+    dq, dk, dv = (g.reshape(x.shape) for g, x in zip((dq, dk, dv), into))
   return (dq, dk, dv, *samples)
 
 
@@ -914,45 +1015,62 @@ def _add_key_partials(acc, partials, rows, offset):
 def _lse_base2(lse):
   """The kernels' lse input: in base-2 units, ``+inf`` on rows without keys (so that their
   probabilities are 0)."""
-  return jnp.where(lse == _NEG_INF, jnp.inf, lse.astype(jnp.float32) * _LOG2E)
+  return jnp.where(lse == NEG_INF, jnp.inf, lse.astype(jnp.float32) * LOG2E)
 
 
-def _flash_inputs(q, k, v, key_mask, causal, *, block_q, block_k, num_warps, num_stages):
+def _check_flash(q, k, v, key_mask, causal, block_sizes):
+  """The exact wrappers' argument checks (ValueErrors naming the argument)."""
+  _check_qkv(q, k, v, "Tq", "Tk")
+  p, tq = q.shape[:2]
+  tk = k.shape[1]
+  check_array("key_mask", key_mask, (("P", p), ("Tk", tk)), "bool")
+  if causal and tq != tk:
+    raise ValueError(f"causal needs Tq == Tk, got q {q.shape} and k {k.shape}")
+  check_block_sizes(block_sizes)
+
+
+def _flash_inputs(q, k, v, key_mask, causal, *, tiles: Tiles, interpret):
   p, tq, n, _ = q.shape
   tk, kh = k.shape[1], k.shape[2]
-  bq = min(block_q, _pow2_at_least(tq))
+  bq, bk = min(tiles.block_q, pow2_at_least(tq)), tiles.block_k
   q, k, v = _pad_head_dim(q, k, v)
-  tk_p = _round_up(tk, block_k)
-  bias = _pad_to(jnp.where(key_mask, 0.0, _NEG_INF).astype(jnp.float32), 1, tk_p, _NEG_INF)
-  geo = _Geometry(kv_heads=kh, groups=n // kh, num_blocks=1, q_rows=tq, q_len=tq, q_offset=0,
-                  k_rows=tk, k_len=tk, k_offset=0, block_q=bq, block_k=block_k,
-                  tiles_per_block=_round_up(tq, bq) // bq, chunks_per_block=tk_p // block_k,
-                  sorted=False, causal=causal, num_warps=num_warps, num_stages=num_stages)
+  tk_p = round_up(tk, bk)
+  bias = pad_to(jnp.where(key_mask, 0.0, NEG_INF).astype(jnp.float32), 1, tk_p, NEG_INF)
+  geo = _Geometry(kv_heads=kh, groups=n // kh, num_blocks=1, q_len=tq, q_offset=0, k_len=tk,
+                  k_offset=0, block_q=bq, block_k=bk, tiles_per_block=round_up(tq, bq) // bq,
+                  chunks_per_block=tk_p // bk, sorted=False, causal=causal,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret)
   return _Inputs(q, k, v, bias[:, None], (), ()), geo
 
 
-def flash_attention_pallas(q, k, v, key_mask, causal: bool, scale: float, *, block_q: int = 128,
-                           block_k: int = 64, num_warps: int = 4, num_stages: int = 3):
-  """Exact attention on GPU in the public layout.
+def flash_attention_pallas(q, k, v, key_mask, causal: bool, scale: float, *,
+                           block_sizes: BlockSizes = BlockSizes(), interpret: bool):
+  """Exact attention (``block_sizes.flash_fwd`` tiles) in the public layout.
 
   q ``[P, Tq, N, H]``, k/v ``[P, Tk, Nkv, H]``, key_mask ``[P, Tk]`` bool -> out like q, lse
   ``[P, N, Tq]`` float32. Causal needs ``Tq == Tk``.
   """
-  x, geo = _flash_inputs(q, k, v, key_mask, causal,
-                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
+  _check_flash(q, k, v, key_mask, causal, block_sizes)
+  x, geo = _flash_inputs(q, k, v, key_mask, causal, tiles=block_sizes.flash_fwd,
+                         interpret=interpret)
   out, lse = _tile_forward(x, geo, scale=scale)
   return out[..., :q.shape[-1]], lse
 
 
-def flash_attention_bwd_pallas(q, k, v, key_mask, out, lse, d_out, d_lse, causal: bool,
-                               scale: float, *, block_q: int = 64, block_k: int = 64,
-                               num_warps: int = 4, num_stages: int = 2):
-  """Gradients (dq, dk, dv) of ``flash_attention_pallas`` from its (out, lse) and cotangents."""
-  x, geo = _flash_inputs(q, k, v, key_mask, causal,
-                         **_tile_kwargs(block_q, block_k, num_warps, num_stages))
-  delta = output_delta(out, d_out, d_lse).astype(jnp.float32)
+def flash_attention_bwd_pallas(q, k, v, key_mask, d_out, lse, delta, causal: bool, scale: float,
+                               *, block_sizes: BlockSizes = BlockSizes(), interpret: bool):
+  """Gradients (dq, dk, dv) of exact attention (``block_sizes.flash_bwd`` tiles) from the
+  statistics of the merged result that contains it (its own, or a merge with other parts):
+  d_out like q, lse and ``delta = rowsum(dO * O) - dlse`` ``[P, N, Tq]``; the other arguments
+  as :func:`flash_attention_pallas`."""
+  _check_flash(q, k, v, key_mask, causal, block_sizes)
+  _check_stats(q, d_out, lse, delta)
+  x, geo = _flash_inputs(q, k, v, key_mask, causal, tiles=block_sizes.flash_bwd,
+                         interpret=interpret)
   (d_out,) = _pad_head_dim(d_out)
-  dq, dk, dv, _, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta, scale=scale,
-                                 sample_groups=1, weight_grad=False)
+  dq, dk, dv, _, _ = _tile_backward(x, geo, d_out, _lse_base2(lse), delta.astype(jnp.float32),
+                                    scale=scale, sample_groups=1,
+                                    key_chunks=block_sizes.key_chunks_per_program,
+                                    weight_grad=False)
   h = q.shape[-1]
   return dq[..., :h], dk[..., :h], dv[..., :h]

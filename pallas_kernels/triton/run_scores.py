@@ -25,20 +25,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.triton.block_sizes import BlockSizes, check_block_sizes
+from pallas_kernels.triton.common import NEG_INF, check_array, dot, pad_to, pow2_at_least, round_up
+
 __all__ = ["run_scores_pallas"]
-
-_NEG_INF = float("-inf")
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pow2_at_least(x: int, lo: int = 16) -> int:
-  p = lo
-  while p < x:
-    p *= 2
-  return p
 
 
 def _scores_kernel(q_ref, perm_ref, kmax_ref, kmin_ref, out_ref, *, kv_heads, groups,
@@ -52,22 +42,22 @@ def _scores_kernel(q_ref, perm_ref, kmax_ref, kmin_ref, out_ref, *, kv_heads, gr
     rows = perm_ref[g, pl.ds(t * block_q, block_q)]
     q = q_ref[p, q_offset + jnp.maximum(rows, 0)[:, None], kv * groups + g, cols]
     zero = jnp.zeros((), q.dtype)
-    bound = (plgpu.dot(jnp.maximum(q, zero), kmax, trans_b=True, allow_tf32=False)
-             + plgpu.dot(jnp.minimum(q, zero), kmin, trans_b=True, allow_tf32=False))
-    bound = jnp.where((rows >= 0)[:, None], bound, _NEG_INF)      # [block_q, block_r]
+    bound = (dot(jnp.maximum(q, zero), kmax, trans_b=True)
+             + dot(jnp.minimum(q, zero), kmin, trans_b=True))
+    bound = jnp.where((rows >= 0)[:, None], bound, NEG_INF)       # [block_q, block_r]
     return jnp.maximum(best, jnp.max(bound, axis=0))
 
   def group(g, best):
     return lax.fori_loop(0, tiles, functools.partial(tile, g=g), best)
 
-  best = jnp.full((kmax.shape[0],), _NEG_INF, jnp.float32)
+  best = jnp.full((kmax.shape[0],), NEG_INF, jnp.float32)
   out_ref[...] = lax.fori_loop(0, groups, group, best)
 
 
 def run_scores_pallas(q, q_perm, kmax, kmin, *, num_blocks: int, q_offset: int,
-                      block_q: int = 64, block_r: int = 64, num_warps: int = 4,
-                      num_stages: int = 2):
-  """Each sorted query block's score of every run.
+                      block_sizes: BlockSizes = BlockSizes(), interpret: bool):
+  """Each sorted query block's score of every run (``block_sizes.run_scores`` tiles: its
+  ``block_k`` runs per program; ``interpret``: Pallas' interpreter).
 
   Args:
     q: ``[P, Rq, N, H]`` queries (public layout; the window's rows from ``q_offset``).
@@ -78,32 +68,31 @@ def run_scores_pallas(q, q_perm, kmax, kmin, *, num_blocks: int, q_offset: int,
     ``[P, Nkv, nb, R]`` float32: the bound maxed over the block's queries (-inf for a block
     without a valid query).
   """
+  check_array("q", q, (("P", None), ("Rq", None), ("N", None), ("H", None)), "float")
   p, _, n, h = q.shape
-  if q_perm.ndim != 4 or q_perm.shape[0] != p or n != q_perm.shape[1] * q_perm.shape[2] or (
-      q_perm.shape[3] % num_blocks):
-    raise ValueError(f"q_perm: expected [P, Nkv, G, num_blocks * qb] with P = {p}, Nkv * G = "
-                     f"{n}, num_blocks = {num_blocks}; got {q_perm.shape}")
+  check_array("q_perm", q_perm, (("P", p), ("Nkv", None), ("G", None), ("nb * qb", None)), "int")
+  if n != q_perm.shape[1] * q_perm.shape[2] or q_perm.shape[3] % num_blocks:
+    raise ValueError(f"q_perm: expected [P, Nkv, G, num_blocks * qb] with Nkv * G = {n}, "
+                     f"num_blocks = {num_blocks}; got {q_perm.shape}")
   kh, g, rows = q_perm.shape[1:]
-  r = kmax.shape[2]
-  if kmax.shape != (p, kh, r, h) or kmin.shape != kmax.shape:
-    raise ValueError(f"kmax, kmin: expected [P, Nkv, R, H] = {(p, kh, r, h)}, got {kmax.shape}, "
-                     f"{kmin.shape}")
+  r = kmax.shape[2] if kmax.ndim == 4 else None
+  for name, x in (("kmax", kmax), ("kmin", kmin)):
+    check_array(name, x, (("P", p), ("Nkv", kh), ("R", r), ("H", h)), "float")
+  check_block_sizes(block_sizes)
+  tiles = block_sizes.run_scores
   # kmax/kmin in q's type: exact for values drawn from 16-bit keys (the reference's inputs).
   dtype = q.dtype
   kmax, kmin = kmax.astype(dtype), kmin.astype(dtype)
   nb = num_blocks
   qb = rows // nb
-  bq = min(block_q, _pow2_at_least(qb))
-  qb_p = _round_up(qb, bq)
-  br = min(block_r, _pow2_at_least(r))
-  r_p = _round_up(r, br)
-  h_p = _pow2_at_least(h)
-  pad = lambda x, axis, size, value=0: jnp.pad(
-      x, [(0, size - x.shape[a]) if a == axis else (0, 0) for a in range(x.ndim)],
-      constant_values=value)
-  q = pad(q, 3, h_p)
-  kmax, kmin = (pad(pad(x, 3, h_p), 2, r_p) for x in (kmax, kmin))
-  perm = pad(q_perm.reshape(p, kh, g, nb, qb), 4, qb_p, -1).reshape(p, kh, g, nb * qb_p)
+  bq = min(tiles.block_q, pow2_at_least(qb))
+  qb_p = round_up(qb, bq)
+  br = min(tiles.block_k, pow2_at_least(r))
+  r_p = round_up(r, br)
+  h_p = pow2_at_least(h)
+  q = pad_to(q, 3, h_p)
+  kmax, kmin = (pad_to(pad_to(x, 3, h_p), 2, r_p) for x in (kmax, kmin))
+  perm = pad_to(q_perm.reshape(p, kh, g, nb, qb), 4, qb_p, -1).reshape(p, kh, g, nb * qb_p)
   kernel = functools.partial(_scores_kernel, kv_heads=kh, groups=g, q_offset=q_offset,
                              block_q=bq, tiles=qb_p // bq)
   spec = lambda shape, index: pl.BlockSpec(shape, lambda c, b, i: index(i, b, c))
@@ -115,7 +104,7 @@ def run_scores_pallas(q, q_perm, kmax, kmin, *, num_blocks: int, q_offset: int,
                 spec((None, None, br, h_p), lambda i, b, c: (i // kh, i % kh, c, 0))],
       out_specs=spec((None, None, None, br), lambda i, b, c: (i // kh, i % kh, b, c)),
       out_shape=jax.ShapeDtypeStruct((p, kh, nb, r_p), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=jax.default_backend() != "gpu", name="hyperattn_run_scores")(
+      compiler_params=plgpu.CompilerParams(**tiles.compiler), interpret=interpret,
+      name="hyperattn_run_scores")(
           q, perm, kmax, kmin)
   return out[..., :r]
