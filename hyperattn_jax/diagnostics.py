@@ -22,6 +22,7 @@ power iteration). Non-causal attention (for causal models, apply it per recursio
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,25 +50,46 @@ def _row_chunks(x, chunk):
   return jnp.moveaxis(x.reshape((b, n, t // chunk, chunk) + x.shape[3:]), 2, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "chunk", "power_iters"))
-def _diagnostics(q, k, v, key_mask, rng, config, scale, chunk, power_iters):
-  b, tq = q.shape[:2]
-  q_block, k_block, _, _ = lsh_blocks(q, k, key_mask, rng, config, v)
-  qh, kh, vh = _heads_major(q, k, v)
-  pad = -tq % chunk
-  row_valid = jnp.pad(jnp.ones((b, 1, tq), bool), ((0, 0), (0, 0), (0, pad)))
-  qc = _row_chunks(jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0))), chunk)
-  bc = _row_chunks(jnp.pad(q_block, ((0, 0), (0, 0), (0, pad)), constant_values=-1), chunk)
-  vc = _row_chunks(jnp.broadcast_to(row_valid, q_block.shape[:2] + (tq + pad,)), chunk)
-  kmask = key_mask[:, None, None, :]
+class _ChunkedRows(NamedTuple):
+  """The query rows in chunks of ``chunk`` (padded to a multiple of it) and the keys they are
+  scored against, per head: what every pass over the attention matrix reads."""
+  q: jax.Array          # [Tq_padded // chunk, B, N, chunk, H] float32
+  k: jax.Array          # [B, N, Tk, H] float32
+  key_mask: jax.Array   # [B, 1, 1, Tk] bool
+  scale: float
+  q_len: int
+  chunk: int
 
-  def logits(q_chunk):
-    s = jnp.einsum("bnqh,bnkh->bnqk", q_chunk, kh, precision="highest") * scale
-    return jnp.where(kmask, s, _NEG_INF)
+  @classmethod
+  def build(cls, qh, kh, key_mask, scale, chunk):
+    """From ``qh [B, N, Tq, H]``, ``kh [B, N, Tk, H]`` and ``key_mask [B, Tk]``."""
+    pad = -qh.shape[2] % chunk
+    q = _row_chunks(jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0))), chunk)
+    return cls(q, kh, key_mask[:, None, None, :], scale, qh.shape[2], chunk)
+
+  def chunks(self, x, fill=0):
+    """``[B, N, Tq]`` -> ``[Tq_padded // chunk, B, N, chunk]``, the padding rows ``fill``."""
+    pad = -self.q_len % self.chunk
+    return _row_chunks(jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=fill), self.chunk)
+
+  def unchunk(self, x):
+    """The inverse of :meth:`chunks` (padding rows dropped)."""
+    return jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1,))[..., :self.q_len]
+
+  def logits(self, q_chunk):
+    """``[B, N, chunk, Tk]`` scaled scores, masked keys -inf."""
+    s = jnp.einsum("bnqh,bnkh->bnqk", q_chunk, self.k, precision="highest") * self.scale
+    return jnp.where(self.key_mask, s, _NEG_INF)
+
+
+def _hardness(rows: _ChunkedRows, q_block, k_block):
+  """alpha, kappa and the LSH-block recall, in one pass over the query chunks."""
+  blocks = rows.chunks(q_block, fill=-1)
+  valid = rows.chunks(jnp.ones(q_block.shape, bool), fill=False)
 
   def stats(col_sq, xs):
     q_chunk, blk, valid = xs
-    s = logits(q_chunk)
+    s = rows.logits(q_chunk)
     lse = jax.nn.logsumexp(s, axis=-1)                                   # log D_i
     heavy = blk[..., None] == k_block[:, :, None, :]
     p = jnp.exp(s - lse[..., None])
@@ -77,34 +99,46 @@ def _diagnostics(q, k, v, key_mask, rng, config, scale, chunk, power_iters):
     return col_sq, (recall, light_lse)
 
   col_sq, (recall, light_lse) = jax.lax.scan(
-      stats, jnp.zeros(kh.shape[:3], jnp.float32), (qc, bc, vc))
-  unchunk = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (-1,))[..., :tq]
-  recall, light_lse = unchunk(recall), unchunk(light_lse)
+      stats, jnp.zeros(rows.k.shape[:3], jnp.float32), (rows.q, blocks, valid))
+  recall, light_lse = rows.unchunk(recall), rows.unchunk(light_lse)
+  # Rows with no light entry left (everything in their block) are skipped.
   has_light = jnp.isfinite(light_lse)
   log_kappa = (jnp.max(jnp.where(has_light, light_lse, _NEG_INF), axis=-1) -
                jnp.min(jnp.where(has_light, light_lse, jnp.inf), axis=-1))
+  return {
+      "alpha": rows.q_len * jnp.max(col_sq, axis=-1),
+      "kappa": jnp.exp(log_kappa),
+      "lsh_recall_mean": jnp.mean(recall, axis=-1),
+      "lsh_recall_min": jnp.min(recall, axis=-1),
+  }
 
+
+def _softmax_op_norm(rows: _ChunkedRows, power_iters):
+  """``||D^-1 A||_op`` ``[B, N]`` by power iteration on ``(D^-1 A)^T D^-1 A``, chunk by chunk."""
   def apply_p(x):        # D^-1 A x, x [B, N, Tk] -> [B, N, Tq]
     def one(_, q_chunk):
-      s = logits(q_chunk)
+      s = rows.logits(q_chunk)
       return None, jnp.einsum("bnqk,bnk->bnq", jax.nn.softmax(s, axis=-1), x)
-    return unchunk(jax.lax.scan(one, None, qc)[1])
+    return rows.unchunk(jax.lax.scan(one, None, rows.q)[1])
 
   def apply_pt(y):       # (D^-1 A)^T y, y [B, N, Tq] -> [B, N, Tk]
-    yc = _row_chunks(jnp.pad(y, ((0, 0), (0, 0), (0, pad))), chunk)
     def one(acc, xs):
       q_chunk, y_chunk = xs
-      return acc + jnp.einsum("bnqk,bnq->bnk", jax.nn.softmax(logits(q_chunk), axis=-1),
+      return acc + jnp.einsum("bnqk,bnq->bnk", jax.nn.softmax(rows.logits(q_chunk), axis=-1),
                               y_chunk), None
-    return jax.lax.scan(one, jnp.zeros(kh.shape[:3], jnp.float32), (qc, yc))[0]
+    return jax.lax.scan(one, jnp.zeros(rows.k.shape[:3], jnp.float32), (rows.q, rows.chunks(y)))[0]
 
   def power(_, x):
     x = apply_pt(apply_p(x))
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  x0 = jnp.where(kmask[:, :, 0], 1.0, 0.0) * jnp.ones(kh.shape[:3])
+  # Start from the uniform vector over the valid keys.
+  x0 = jnp.where(rows.key_mask[:, :, 0], 1.0, 0.0) * jnp.ones(rows.k.shape[:3])
   x = jax.lax.fori_loop(0, power_iters, power, x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True))
-  p_op = jnp.linalg.norm(apply_p(x), axis=-1)
+  return jnp.linalg.norm(apply_p(x), axis=-1)
 
+
+def _output_errors(q, k, v, vh, key_mask, rng, config, scale, p_op):
+  """The approximation's errors against exact attention (``vh`` the values heads-major)."""
   exact = exact_attention(q, k, v, scale=scale, key_mask=key_mask).astype(jnp.float32)
   approx = hyper_attention(q, k, v, rng=rng, config=config, scale=scale, key_mask=key_mask,
                            implementation="xla").astype(jnp.float32)
@@ -112,17 +146,23 @@ def _diagnostics(q, k, v, key_mask, rng, config, scale, chunk, power_iters):
   ref = exact.transpose(0, 2, 1, 3)
   fro = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))
   op = lambda x: jnp.linalg.norm(x, ord=2, axis=(-2, -1))
-  v_masked = jnp.where(kmask[:, :, 0, :, None], vh, 0.0)
+  v_masked = jnp.where(key_mask[:, None, :, None], vh, 0.0)
   return {
-      "alpha": tq * jnp.max(col_sq, axis=-1),
-      "kappa": jnp.exp(log_kappa),
-      "lsh_recall_mean": jnp.mean(recall, axis=-1),
-      "lsh_recall_min": jnp.min(recall, axis=-1),
       "rel_fro_error": fro(err) / fro(ref),
       "fro_error_over_v": fro(err) / fro(v_masked),
       "spectral_eps": op(err) / (p_op * op(v_masked)),
       "softmax_op_norm": p_op,
   }
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale", "chunk", "power_iters"))
+def _diagnostics(q, k, v, key_mask, rng, config, scale, chunk, power_iters):
+  q_block, k_block, _, _ = lsh_blocks(q, k, key_mask, rng, config, v)
+  qh, kh, vh = _heads_major(q, k, v)
+  rows = _ChunkedRows.build(qh, kh, key_mask, scale, chunk)
+  hardness = _hardness(rows, q_block, k_block)
+  p_op = _softmax_op_norm(rows, power_iters)
+  return {**hardness, **_output_errors(q, k, v, vh, key_mask, rng, config, scale, p_op)}
 
 
 def attention_diagnostics(query, key, value, *, rng, config: HyperAttentionConfig | None = None,

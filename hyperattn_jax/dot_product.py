@@ -36,6 +36,30 @@ def _implementation(implementation):
   return _IMPLEMENTATIONS[implementation]
 
 
+def _refuse_unsupported(bias, local_window_size):
+  """The jax.nn arguments HyperAttention cannot honour must be None."""
+  if bias is not None:
+    raise ValueError("bias must be None: HyperAttention never forms the dense [batch, heads, "
+                     "q_seq, kv_seq] scores a bias is added to (express key padding with mask "
+                     "or key_value_seq_lengths)")
+  if local_window_size is not None:
+    raise ValueError(f"local_window_size must be None, got {local_window_size!r}: "
+                     "HyperAttention attends to every key, not to a window of keys "
+                     "(HyperAttentionConfig.local_window adds an exact causal band to that)")
+
+
+def _key_mask(mask, key_value_seq_lengths, dims: checks.Dims, is_causal: bool):
+  """The ``[batch, kv_seq]`` key mask of ``mask`` AND ``key_value_seq_lengths`` (None: all keys)."""
+  key_mask = None if mask is None else checks.key_mask_from_attention_mask(
+      jnp.asarray(mask), dims.batch, dims.q_len, dims.kv_len, is_causal,
+      causal_arg="is_causal=True")
+  if key_value_seq_lengths is not None:
+    by_length = checks.lengths_mask(key_value_seq_lengths, dims.batch, dims.kv_len,
+                                    "key_value_seq_lengths", "kv_seq")
+    key_mask = by_length if key_mask is None else key_mask & by_length
+  return key_mask
+
+
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: float | None = None,
                           is_causal: bool = False, query_seq_lengths=None,
                           key_value_seq_lengths=None, local_window_size=None,
@@ -77,14 +101,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     Like ``query``, in its dtype. Unlike jax.nn (which averages all values there), query rows
     without any valid key give zeros.
   """
-  if bias is not None:
-    raise ValueError("bias must be None: HyperAttention never forms the dense [batch, heads, "
-                     "q_seq, kv_seq] scores a bias is added to (express key padding with mask "
-                     "or key_value_seq_lengths)")
-  if local_window_size is not None:
-    raise ValueError(f"local_window_size must be None, got {local_window_size!r}: "
-                     "HyperAttention attends to every key, not to a window of keys "
-                     "(HyperAttentionConfig.local_window adds an exact causal band to that)")
+  _refuse_unsupported(bias, local_window_size)
   implementation = _implementation(implementation)
   unbatched = getattr(query, "ndim", None) == 3
   if unbatched:
@@ -92,13 +109,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
   dims = checks.check_qkv(query, key, value, causal=False)
   if is_causal and dims.q_len != dims.kv_len:
     raise ValueError(f"is_causal=True needs q_seq == kv_seq, got {dims.q_len} and {dims.kv_len}")
-  key_mask = None if mask is None else checks.key_mask_from_attention_mask(
-      jnp.asarray(mask), dims.batch, dims.q_len, dims.kv_len, bool(is_causal),
-      causal_arg="is_causal=True")
-  if key_value_seq_lengths is not None:
-    by_length = checks.lengths_mask(key_value_seq_lengths, dims.batch, dims.kv_len,
-                                    "key_value_seq_lengths", "kv_seq")
-    key_mask = by_length if key_mask is None else key_mask & by_length
+  key_mask = _key_mask(mask, key_value_seq_lengths, dims, bool(is_causal))
   query_rows = None
   if query_seq_lengths is not None:
     query_rows = checks.lengths_mask(query_seq_lengths, dims.batch, dims.q_len,

@@ -5,7 +5,7 @@
 keys ``chunk`` columns at a time, fully masked causal chunks skipped), the Pallas flash kernels,
 or cuDNN (``cudnn.py``). Its VJP recomputes the probabilities from the saved log-sum-exp, so the
 residuals are ``q, k, v, out, lse`` only. ``kernel_forward`` / ``kernel_backward`` are the two
-passes on their own: the causal recursion (``hyper.py``) runs the backward from the statistics of
+passes on their own: the causal recursion (``causal.py``) runs the backward from the statistics of
 the final merged result (``merge.py``).
 
 ``flash_attention`` takes the public layout ``[batch, seq, heads, head_dim]``; the loops work in
