@@ -12,6 +12,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 left() { echo $((START + 570 - $(date +%s))); }
 T() { echo "$(date +%T) $*" >> $OUT/timeline.txt; }
 T start
+# (this step ran without ml_collections and stopped at collection; run_b.sh reran it)
 timeout 230 python3 -m pytest -q -m gpu tests > $OUT/gpu_tests.log 2>&1
 T gpu tests rc=$?
 tail -n 3 $OUT/gpu_tests.log
