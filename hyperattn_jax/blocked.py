@@ -253,8 +253,11 @@ def _selected_keys(k, v, selection, window: RowWindow) -> SelectedKeys | None:
   if selection is None:
     return None
   p, kh, nb, n = selection.rows.shape
-  rows = lambda x: grouped_rows(x, selection.rows.reshape(p, kh, 1, nb * n),
-                                window.k_offset)[:, :, 0].reshape(p, kh, nb, n, x.shape[-1])
+  # Unkept rows are gathered as zeros, like padding: a masked key's NaN would otherwise reach
+  # its block through the zero probability times its value (0 * NaN).
+  kept = jnp.where(selection.keep, selection.rows, -1).reshape(p, kh, 1, nb * n)
+  rows = lambda x: grouped_rows(x, kept, window.k_offset)[:, :, 0].reshape(p, kh, nb, n,
+                                                                           x.shape[-1])
   return SelectedKeys(rows(k), rows(v), selection.keep, selection.drop_samples)
 
 

@@ -12,7 +12,10 @@ Rows by index: every kernel reads q, k, v (and dO, lse, delta) in the public lay
 ``[P, rows, heads, head_dim]`` / ``[P, heads, rows]`` and writes its results there, row by row.
 A tile's rows are either read from the sort permutations (``sorted``, the blocked stage: the
 sortLSH order is never materialised, and the outputs land unsorted) or are consecutive (the
-base case). ``-1`` marks a padding row: it is loaded from row 0 and never stored.
+base case). ``-1`` marks a padding row: it is never stored, and where it could reach another
+row's result it reads zeros (a masked load: a padding key's k and v in the forward and dq, a
+padding query's q and dO in dk/dv), so a NaN in row 0 reaches only what attends to row 0; where
+it cannot (a padding query's own row, a padding key's own gradient) it loads row 0.
 
 Forward: each program owns ``block_q`` query rows of one (batch * kv_head, group head, block) and
 runs one online-softmax pass (fp32 statistics and accumulator) over the block's keys in chunks of
@@ -115,6 +118,9 @@ class _Geometry(NamedTuple):
                                    # samples -inf in it): no own-block select
   key_partials: bool = False  # dk/dv kernel: float32 results at the keys' positions in k_perm
                               # (selected keys: one key may be chosen by several blocks)
+  key_padding: bool = True    # a key chunk may hold padding rows (-1): their k, v read zeros
+  query_padding: bool = True  # a query tile may hold padding rows (-1): in dk/dv their q, dO
+                              # read zeros
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,9 +137,12 @@ def _load_rows(ref, p, rows, head, offset=0):
 
 
 def _load_rows_or_zeros(ref, p, rows, head, offset=0):
-  """:func:`_load_rows` with zeros on padding rows (the XLA stage's gathers give zeros; row 0
-  may hold a NaN that a zero probability would not cancel)."""
-  return jnp.where((rows >= 0)[:, None], _load_rows(ref, p, rows, head, offset), 0)
+  """:func:`_load_rows` with zeros on padding rows, which are masked out of the load (the XLA
+  stage's gathers give zeros; row 0 may hold a NaN that a zero probability would not cancel:
+  ``0 * NaN`` is NaN)."""
+  at = offset + jnp.maximum(rows, 0)
+  return plgpu.load(ref.at[p, at[:, None], head, _cols(ref.shape[-1])],
+                    mask=(rows >= 0)[:, None], other=0)
 
 
 def _store_rows(ref, p, rows, head, value, offset=0):
@@ -246,17 +255,20 @@ def _visit_keys(step, carry, q, row0, block, refs, p, kv, *, geo, scale):
   """
   bk = geo.block_k
   scale2 = scale * LOG2E
+  # Padding keys have a -inf bias (or causal mask), but their probability 0 times a NaN in the
+  # row they would load is NaN: where there can be padding, they read zeros.
+  load_keys = _load_rows_or_zeros if geo.key_padding else _load_rows
 
   def key_chunk(j, carry, masked):
     sl = pl.ds(j * bk, bk)
     keys = _chunk_keys(geo, refs.k_perm[sl] if geo.sorted else None, j)
-    k = _load_rows(refs.k, p, keys, kv, geo.k_offset)
+    k = load_keys(refs.k, p, keys, kv, geo.k_offset)
     s = dot(q, k, trans_b=True) * scale2
     if geo.key_bias:
       s = s + refs.bias[sl][None, :]
     if masked:
       s = _causal(s, row0, j * bk)
-    return step(carry, s, k, _load_rows(refs.v, p, keys, kv, geo.k_offset))
+    return step(carry, s, k, load_keys(refs.v, p, keys, kv, geo.k_offset))
 
   n_chunks = geo.chunks_per_block
   if geo.causal:  # chunks left of the diagonal need no mask; the diagonal ones do
@@ -387,6 +399,9 @@ def _chunk_grads(rows_in, refs, p, kv, k, v, bias, first_block, col0, n_dw, *, g
   q_ref, do_ref, lse_ref, delta_ref = rows_in
   bk, bq, tpb = geo.block_k, geo.block_q, geo.tiles_per_block
   scale2 = scale * LOG2E
+  # A padding query's probabilities are 0 (lse +inf), but they multiply its q and dO into every
+  # key's gradient: where there can be padding, those read zeros (a NaN there is 0 * NaN).
+  load_queries = _load_rows_or_zeros if geo.query_padding else _load_rows
 
   def query_tile(t, carry, g, masked):
     dk, dv, *dw = carry
@@ -396,8 +411,8 @@ def _chunk_grads(rows_in, refs, p, kv, k, v, bias, first_block, col0, n_dw, *, g
     block, tile = first_block + lax.div(t, tpb_), lax.rem(t, tpb_)
     head = kv * geo.groups + g
     rows = _tile_rows(geo, refs.q_perm[g, pl.ds(t * bq, bq)] if geo.sorted else None, tile)
-    q = _load_rows(q_ref, p, rows, head, geo.q_offset)
-    do = _load_rows(do_ref, p, rows, head, geo.q_offset)
+    q = load_queries(q_ref, p, rows, head, geo.q_offset)
+    do = load_queries(do_ref, p, rows, head, geo.q_offset)
     lse2 = _load_stats(lse_ref, p, rows, head, jnp.inf, geo.q_offset)
     delta = _load_stats(delta_ref, p, rows, head, 0.0, geo.q_offset)
     s = dot(k, q, trans_b=True) * scale2                              # [block_k, block_q]
@@ -845,7 +860,11 @@ def _blocked_inputs(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, n_valid, 
                   chunks_per_block=bs_p // bk, sorted=True, causal=False,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret,
                   key_bias=key_bias, select_chunks=select_chunks,
-                  block_sample_bias=bool(select_chunks))
+                  block_sample_bias=bool(select_chunks),
+                  # -1 rows: the blocks' tile padding, and the permutations' rows beyond the
+                  # window's (each local row occurs once in them)
+                  key_padding=bs_p > block_size or nb * block_size > window.k_len,
+                  query_padding=qb_p > qb or nb * qb > window.q_len)
   return _Blocked(_Inputs(q, k, v, bias, perms, samples, selected), geo)
 
 
@@ -867,8 +886,8 @@ def _sample_arrays(k_samp, v_samp, samp_pos, log_weight, nb, block_size, m_p, h_
 
 
 def _selected_arrays(selection, blk, s_bias, nb, block_k):
-  """Each block's selected rows and their bias (0 kept, -inf not) ``[P, Nkv, nb * S_p]``,
-  padded to whole chunks, their chunk count, and the samples' bias per block ``[P * Nkv, nb,
+  """Each block's selected rows (-1 where not kept) and their bias (0 kept, -inf not) ``[P,
+  Nkv, nb * S_p]``, padded to whole chunks, their chunk count, and the samples' bias per block ``[P * Nkv, nb,
   m_p]`` (-inf on the block's own and dropped samples; ``blk``, ``s_bias``: the samples'
   blocks ``[P * Nkv, m]`` and bias ``[P * Nkv, m_p]``)."""
   rows, keep, drop = selection
@@ -876,7 +895,10 @@ def _selected_arrays(selection, blk, s_bias, nb, block_k):
   m, m_p = blk.shape[1], s_bias.shape[1]
   s_p = round_up(s, block_k)
   per_block = lambda x, value: _per_block(x.reshape(p, kh, -1), nb, s_p, value)
-  selected = (per_block(rows, -1),
+  # Unkept rows become padding (-1): their k, v read zeros, as in the XLA stage, so a NaN there
+  # reaches nothing (a -inf bias added to a NaN score is NaN; 0 * NaN in P V), and their
+  # gradients are dropped.
+  selected = (per_block(jnp.where(keep, rows, -1), -1),
               per_block(jnp.where(keep, 0.0, NEG_INF).astype(jnp.float32), NEG_INF))
   out_of_residual = ((blk[:, None, :] == jnp.arange(nb, dtype=jnp.int32)[None, :, None])
                      | drop.reshape(p * kh, nb, m))
@@ -1034,12 +1056,13 @@ def _flash_inputs(q, k, v, key_mask, causal, *, tiles: Tiles, interpret):
   tk, kh = k.shape[1], k.shape[2]
   bq, bk = min(tiles.block_q, pow2_at_least(tq)), tiles.block_k
   q, k, v = _pad_head_dim(q, k, v)
-  tk_p = round_up(tk, bk)
+  tk_p, tq_p = round_up(tk, bk), round_up(tq, bq)
   bias = pad_to(jnp.where(key_mask, 0.0, NEG_INF).astype(jnp.float32), 1, tk_p, NEG_INF)
   geo = _Geometry(kv_heads=kh, groups=n // kh, num_blocks=1, q_len=tq, q_offset=0, k_len=tk,
-                  k_offset=0, block_q=bq, block_k=bk, tiles_per_block=round_up(tq, bq) // bq,
+                  k_offset=0, block_q=bq, block_k=bk, tiles_per_block=tq_p // bq,
                   chunks_per_block=tk_p // bk, sorted=False, causal=causal,
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret)
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages, interpret=interpret,
+                  key_padding=tk_p > tk, query_padding=tq_p > tq)
   return _Inputs(q, k, v, bias[:, None], (), ()), geo
 
 
