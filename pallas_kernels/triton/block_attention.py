@@ -887,9 +887,9 @@ def _sample_arrays(k_samp, v_samp, samp_pos, log_weight, nb, block_size, m_p, h_
 
 def _selected_arrays(selection, blk, s_bias, nb, block_k):
   """Each block's selected rows (-1 where not kept) and their bias (0 kept, -inf not) ``[P,
-  Nkv, nb * S_p]``, padded to whole chunks, their chunk count, and the samples' bias per block ``[P * Nkv, nb,
-  m_p]`` (-inf on the block's own and dropped samples; ``blk``, ``s_bias``: the samples'
-  blocks ``[P * Nkv, m]`` and bias ``[P * Nkv, m_p]``)."""
+  Nkv, nb * S_p]``, padded to whole chunks, their chunk count, and the samples' bias per block
+  ``[P * Nkv, nb, m_p]`` (-inf on the block's own and dropped samples; ``blk``, ``s_bias``: the
+  samples' blocks ``[P * Nkv, m]`` and bias ``[P * Nkv, m_p]``)."""
   rows, keep, drop = selection
   p, kh, _, s = rows.shape
   m, m_p = blk.shape[1], s_bias.shape[1]
