@@ -942,7 +942,9 @@ def blocked_attention_pallas(q, k, v, q_perm, k_perm, k_samp, v_samp, samp_pos, 
   ``[P, N, q_len]`` float32. ``selection``: the ``select_blocks`` option's ``(rows, keep,
   drop_samples)`` (``[P, Nkv, nb, S]`` int32 local key rows (-1: none) / bool, ``[P, Nkv, nb,
   m]`` bool), or None: each tile also attends to its block's kept selected rows, loaded by
-  index, and leaves the dropped samples out. ``into``: a running ``(out [B, T, N, H], lse [B,
+  index, and leaves the dropped samples out (by a -inf bias, which a NaN score survives: a
+  block may drop only samples whose key it attends exactly, a kept row or one of its own, as the
+  library's selection does). ``into``: a running ``(out [B, T, N, H], lse [B,
   N, T])`` of which q's problems are the ``T / Rq`` consecutive row groups of each batch row
   (head_dim :func:`in_place` only): returned with the result merged into the window's query
   rows in place. Its rows with lse ``-inf`` get weight 0 and must hold finite values (zeros,
