@@ -112,6 +112,12 @@ def _nan_patterns_match(got, want, atol, name, masked=None):
   np.testing.assert_allclose(got[fin], want[fin], atol=atol, rtol=0, err_msg=name)
 
 
+def _own_block(pos, bs, nb):
+  """``[P, Nkv, nb, m]`` bool: sample ``j`` (sorted position ``pos [P, Nkv, m]``) lies in key
+  block ``i`` of ``bs`` keys."""
+  return (np.asarray(pos) // bs)[:, :, None, :] == np.arange(nb)[None, None, :, None]
+
+
 def _masked_in_nan_blocks(nan_out, q_perm, k_perm, pos, n_valid, selection, bs, k_len):
   """Where the kernels' gradients may be NaN beyond XLA's: the keys and samples that the stage
   masks for a block with a NaN output row. Such a row's lse is NaN, so the kernels' probability
@@ -139,8 +145,7 @@ def _masked_in_nan_blocks(nan_out, q_perm, k_perm, pos, n_valid, selection, bs, 
       dk[b, r, kv] |= nan_block[b, kv, i // bs]
   drop = (np.zeros((p, kh, nb, pos.shape[-1]), bool) if selection is None else
           np.asarray(selection.drop_samples))
-  own = (pos // bs)[:, :, None, :] == np.arange(nb)[None, None, :, None]
-  samples = ((own | drop) & nan_block[..., None]).any(axis=2)[..., None]
+  samples = ((_own_block(pos, bs, nb) | drop) & nan_block[..., None]).any(axis=2)[..., None]
   return dk, samples
 
 
@@ -182,8 +187,7 @@ def _consistent(selection, k_perm, pos, bs):
   samp_rows = jnp.take_along_axis(k_perm, pos, axis=-1)                     # [P, Nkv, m]
   kept = jnp.where(keep, rows, -2)                                          # [P, Nkv, nb, S]
   chosen = (kept[:, :, :, :, None] == samp_rows[:, :, None, None, :]).any(3)
-  own = (pos // bs)[:, :, None, :] == jnp.arange(rows.shape[2])[None, None, :, None]
-  return selection._replace(drop_samples=drop & (chosen | own))
+  return selection._replace(drop_samples=drop & (chosen | _own_block(pos, bs, rows.shape[2])))
 
 
 # p, kh, g, nb, qb, bs, m, h, n_valid, q_len, k_len: query blocks of 24 rows on 16-row tiles,
