@@ -4,17 +4,31 @@ import atexit
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
-# CPU runs: XLA's backend (LLVM) optimisation level 0. The suite's time is almost all XLA
-# compiles of graphs that then run for milliseconds; level 0 compiles them ~2.5x faster (no
-# fast-math at any level: hyper_attention's outputs and gradients came out bitwise equal at
-# levels 0 and 3). Set before the backend starts; an XLA_FLAGS that names the level itself, or a
-# GPU plugin (jax_plugins), keeps XLA's default.
+# CPU runs: XLA's backend (LLVM) optimisation level 0 and its older elementwise emitters. The
+# suite's time is almost all XLA compiles of graphs that then run for milliseconds (a test's
+# eager ops compile one by one, ~50 ms each); level 0 compiles ~2.5x faster and the older
+# emitters take ~40% more off (no fast-math either way: hyper_attention's XLA outputs and
+# gradients are bitwise equal under both flags; the Pallas interpreter's differ in the last
+# bits). The emitter flag is kept only where this jaxlib knows it (an unknown flag is fatal to
+# XLA), checked in a subprocess. Set before the backend starts; an XLA_FLAGS that names the
+# level itself, or a GPU plugin (jax_plugins), keeps XLA's defaults.
+def _xla_accepts(flags):
+  probe = "import jax.numpy as jnp; jnp.ones(1).block_until_ready()"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                        check=False).returncode == 0
+
+
 if (importlib.util.find_spec("jax_plugins") is None and
     "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+  _flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  if _xla_accepts(_flags + " --xla_cpu_use_fusion_emitters=false"):
+    _flags += " --xla_cpu_use_fusion_emitters=false"
+  os.environ["XLA_FLAGS"] = _flags
 
 # A compilation cache on disk, one per test process (an xdist worker, and the subprocesses it
 # starts, which inherit the variable): the training runs, resumes and scripts compile the same

@@ -3,6 +3,7 @@ stage's third softmax part (each block's selected key rows, loaded by index) and
 left out of a block's residual, forward and backward, against the XLA stage and the oracle."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,25 +65,36 @@ def test_selected_keys_kernels_match_xla(seed, shape, s, dtype, atol, tol):
   kw = dict(scale=scale, block_size=bs,
             **kernel_kw(window, (16, 16), sample_groups=2 * q.shape[0]))  # two partials each
   stage = _stage(args, selection, scale, bs, window)
-  ref_out, ref_lse = stage(q, k, v, k_s, v_s, log_w)
-  out, lse = blocked_attention_pallas(*args, selection, **kw)
+  ref_out, ref_lse = jax.jit(stage)(q, k, v, k_s, v_s, log_w)  # jitted: one compile, not one per op
+  out, lse = jax.jit(functools.partial(blocked_attention_pallas, **kw))(*args, selection)
   assert out.dtype == dtype and np.all(np.isfinite(np.asarray(out, np.float32)))
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32),
                              atol=atol, rtol=0)
   _assert_lse_close(lse, ref_lse, atol)
   # the selection changes the stage (the test can fail)
-  plain = _stage(args, None, scale, bs, window)(q, k, v, k_s, v_s, log_w)[0]
+  plain = jax.jit(_stage(args, None, scale, bs, window))(q, k, v, k_s, v_s, log_w)[0]
   assert rel_err(ref_out, plain) > 1e-2
 
   prior = _random_prior(seed, ref_out, ref_lse)
   merged = lambda *x: merge_attention(*prior, *stage(*x))
-  (m_out, m_lse), vjp = jax.vjp(merged, q, k, v, k_s, v_s, log_w)
-  d_out, d_lse = _cotangents(seed, m_out, m_lse)
-  ref = _window_grads(vjp((d_out, d_lse)), window)
-  rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
-  grads = blocked_attention_bwd_pallas(
-      *args, rows(d_out, 1), rows(m_lse, 2), rows(output_delta(m_out, d_out, d_lse), 2),
-      selection, **kw)
+
+  @jax.jit
+  def reference_grads(*x):
+    (m_out, m_lse), vjp = jax.vjp(merged, *x)
+    d_out, d_lse = _cotangents(seed, m_out, m_lse)
+    return m_out, m_lse, d_out, d_lse, vjp((d_out, d_lse))
+
+  m_out, m_lse, d_out, d_lse, ref = reference_grads(q, k, v, k_s, v_s, log_w)
+  ref = _window_grads(ref, window)
+
+  @jax.jit
+  def kernel_grads(args, d_out, m_out, m_lse, d_lse, selection):
+    rows = lambda x, axis: embed_rows(x, window.q_offset, q.shape[1], axis, jnp.nan)
+    return blocked_attention_bwd_pallas(
+        *args, rows(d_out, 1), rows(m_lse, 2), rows(output_delta(m_out, d_out, d_lse), 2),
+        selection, **kw)
+
+  grads = kernel_grads(args, d_out, m_out, m_lse, d_lse, selection)
   _assert_grads_close(grads[:5], ref[:5], tol)
   assert rel_err(grads[5], ref[5]) < tol
 
