@@ -7,19 +7,8 @@
 # as in the fourteenth session's record; exact beside). Each step runs only if time is left.
 #   run: bash experiments/results/2026-12-03-h200-sel12-trained/measure.sh   (carry .whl [.carry])
 set -u
-START=$(date +%s)
-left() { local s=$((START + ${BUDGET:-570} - $(date +%s))); [ $s -lt 1 ] && s=1; echo $s; }
-L=/tmp/logs; mkdir -p $L
-T() { echo "$(date +%T) $*" >> $L/timeline.txt; }
-filter() { grep -v "INFO\|^I1\|^W1"; }
-test -d /tmp/site || pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-W=/tmp/s12
+source experiments/results/2026-12-03-h200-sel12-trained/common.sh
 T measure call start
-if [ ! -d $W ] && ls .carry/s12-*.npz >/dev/null 2>&1; then
-  python3 -m experiments.lm.params_file import --files='.carry/s12-*.npz' --workdir=$W 2>&1 \
-    | filter >> $L/import.log; T imported rc=${PIPESTATUS[0]}
-fi
 step=$(ls $W/checkpoints 2>/dev/null | sort -n | tail -n 1)
 if [ "${step:-0}" = 3400 ] && [ ! -e $L/eval.done ] && [ $(left) -gt 150 ]; then
   timeout $(left) python3 -m experiments.lm.eval_retrieval --workdir=$W --out=$L/eval_s12_model.json \

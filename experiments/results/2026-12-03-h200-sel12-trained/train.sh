@@ -9,23 +9,13 @@
 # step N (2900: where the exact model's was exported).
 #   run: STOP=2900 bash experiments/results/2026-12-03-h200-sel12-trained/train.sh  (carry .whl [.carry])
 set -u
-START=$(date +%s)
-left() { local s=$((START + ${BUDGET:-570} - $(date +%s))); [ $s -lt 1 ] && s=1; echo $s; }
-L=/tmp/logs; mkdir -p $L
-T() { echo "$(date +%T) $*" >> $L/timeline.txt; }
-quiet() { tr '\r' '\n' | grep -v "INFO\|^I1\|^W1" | awk 'NR%20==1 || /rror|Traceback|{/'; }
-test -d /tmp/site || pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-W=/tmp/s12
+source experiments/results/2026-12-03-h200-sel12-trained/common.sh
+quiet() { tr '\r' '\n' | filter | awk 'NR%20==1 || /rror|Traceback|{/'; }
 HYPER="--config.attention=hyper --config.hyper_last_layers=5 --config.hyper.select_blocks=12
   --config.hyper.select_block_size=64"
 T train call start
-if [ ! -d $W ] && ls .carry/s12-*.npz >/dev/null 2>&1; then
-  python3 -m experiments.lm.params_file import --files='.carry/s12-*.npz' --workdir=$W 2>&1 \
-    | grep -v "INFO\|^I1\|^W1" >> $L/import.log; T imported rc=${PIPESTATUS[0]}
-  step=$(awk '$1 == "step" {print $2}' $L/import.log | tail -n 1)
-  [ "${step:-0}" -ge 2500 ] && touch $L/train_32k.done
-fi
+step=$(awk '$1 == "step" {print $2}' $L/import.log 2>/dev/null | tail -n 1)
+[ "${step:-0}" -ge 2500 ] && touch $L/train_32k.done  # imported past the 32k phase
 for phase in 32k 131k; do
   [ -e $L/train_$phase.done ] && continue
   extra=; [ $phase = 131k ] && [ -n "${STOP:-}" ] && extra=--config.num_steps=$STOP
@@ -38,7 +28,7 @@ for phase in 32k 131k; do
 done
 cp $W/metrics.jsonl $L/metrics_s12.jsonl 2>/dev/null
 python3 -m experiments.lm.params_file export --workdir=$W --out=$OUT/s12 --parts=3 \
-  2>&1 | grep -v "INFO\|^I1\|^W1" >> $L/export.log; T export rc=${PIPESTATUS[0]}
+  2>&1 | filter >> $L/export.log; T export rc=${PIPESTATUS[0]}
 nvidia-smi -L > $L/device.txt
 tar -cf $OUT/train_logs.tar -C $L .
 cat $L/timeline.txt; tail -n 3 $L/train_*.log $L/export.log
