@@ -3,7 +3,8 @@
   python -m experiments.lm.plot_training --out=experiments/results/X.png \
       exact=path/metrics_exact.jsonl hyper=path/metrics_hyper.jsonl
 
-Writes the PNG (train/validation loss vs step, tokens/s) and a JSON summary beside it.
+A run continued in a fresh workdir (params imported, see ``params_file``) names its files in
+order, comma-separated: ``hyper=first/metrics.jsonl,continued/metrics.jsonl``. Writes the PNG (train/validation loss vs step, tokens/s) and a JSON summary beside it.
 """
 
 import json
@@ -17,8 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def _load(path):
-  rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _load(paths):
+  rows = [json.loads(line) for path in paths.split(",")
+          for line in Path(path).read_text().splitlines() if line.strip()]
   last = {}
   for r in rows:  # a resumed run repeats steps: keep the last record of each (step, split)
     last[(r["split"], r["step"])] = r
@@ -30,8 +32,8 @@ def main(argv):
   runs = dict(a.split("=", 1) for a in argv if not a.startswith("--"))
   fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(11, 4))
   summary = {}
-  for name, path in runs.items():
-    rows = _load(path)
+  for name, paths in runs.items():
+    rows = _load(paths)
     train = [r for r in rows if r["split"] == "train"]
     valid = [r for r in rows if r["split"] == "valid"]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
