@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import provenance
+from experiments import timing
 from experiments.benchmarks import common
 from experiments.lm import data as data_lib
 from experiments.lm import generate as generate_lib
@@ -43,6 +44,9 @@ flags.DEFINE_list("prompt_lens", ["32768", "65536", "131072"], "Prompt lengths."
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens decoded per run.")
 flags.DEFINE_integer("reps", 3, "Runs per (prompt length, attention).")
 flags.DEFINE_integer("seed", 0, "Seed of the prompts, the random params and the draws.")
+flags.DEFINE_string("profile_out", None, "Also trace one more prefill per attention at the "
+                    "longest prompt: per-kernel GPU time (profile_kernels' JSON) written to "
+                    "PROFILE_OUT_exact.json and PROFILE_OUT_hyper.json.")
 # The random model (default: experiments/lm/configs/long_32k.py's); unused with --workdir.
 flags.DEFINE_integer("num_layers", 4, "Layers.")
 flags.DEFINE_integer("d_model", 512, "Model width.")
@@ -73,16 +77,40 @@ def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
   return params, dataclasses.replace(cfg, hyper=common.hyper_config(cfg.hyper))
 
 
+def _variants(cfg: model_lib.TransformerConfig) -> dict[str, model_lib.TransformerConfig]:
+  """Exact attention in every layer; HyperAttention in all layers but the first."""
+  return {"exact": dataclasses.replace(cfg, attention="exact"),
+          "hyper": dataclasses.replace(cfg, attention="hyper",
+                                       hyper_last_layers=cfg.num_layers - 1)}
+
+
+def _prompt(seed: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, n]).integers(0, 256, (1, n), dtype=np.int32)
+
+
+def profile(params, cfg: model_lib.TransformerConfig, n: int, max_new_tokens: int, seed: int,
+            out: str) -> None:
+  """Per-kernel GPU time of one prefill of an ``n``-token prompt per attention (after the
+  benchmark's runs, with their cache length: compiled and warm), written to
+  ``{out}_{attention}.json``."""
+  for name, variant in _variants(cfg).items():
+    run = lambda variant=variant: generate_lib.generate(
+        params, variant, _prompt(seed, n), 1, rng=jax.random.key(seed),
+        max_len=n + max_new_tokens, eos_id=None).tokens
+    table = timing.report_kernels(timing.kernel_table(run, reps=1), f"prefill n={n} {name}",
+                                  top=40)
+    meta = provenance.run_meta(prompt_len=n, attention=name,
+                               modes=list(model_lib.attention_modes(variant)))
+    provenance.write_results(f"{out}_{name}.json", meta, **table)
+
+
 def bench(params, cfg: model_lib.TransformerConfig, prompt_lens, max_new_tokens: int,
           reps: int, seed: int) -> list[dict]:
   """One row per (prompt length, attention): medians and every run's timings."""
-  variants = {"exact": dict(attention="exact"),
-              "hyper": dict(attention="hyper", hyper_last_layers=cfg.num_layers - 1)}
   rows = []
   for n in prompt_lens:
-    prompt = np.random.default_rng([seed, n]).integers(0, 256, (1, n), dtype=np.int32)
-    for name, fields in variants.items():
-      variant = dataclasses.replace(cfg, **fields)
+    prompt = _prompt(seed, n)
+    for name, variant in _variants(cfg).items():
       # Run 0 warms up (first executions of the compiled programs, allocations): not timed.
       runs = [generate_lib.generate(params, variant, prompt, max_new_tokens,
                                     rng=jax.random.key(seed + rep), eos_id=None)
@@ -115,6 +143,8 @@ def main(argv):
                              workdir=FLAGS.workdir)
   provenance.write_results(FLAGS.out, meta, rows=rows)
   print(f"wrote {FLAGS.out}")
+  if FLAGS.profile_out:
+    profile(params, cfg, max(prompt_lens), FLAGS.max_new_tokens, FLAGS.seed, FLAGS.profile_out)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ stages one by one instead).
 
 from __future__ import annotations
 
-import collections
-import glob
-import tempfile
-import time
 from pathlib import Path
 
 from absl import app
@@ -23,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import provenance
+from experiments import timing
 from experiments.benchmarks import common
 from hyperattn_jax import hyper_attention
 
@@ -40,22 +37,6 @@ flags.DEFINE_string("hlo_out", None, "also write the compiled (optimised) HLO te
 flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
 
 
-def _kernel_times(trace_dir: str) -> dict[str, list[float]]:
-  """{kernel name: [total ns, launches]} over the GPU planes' stream lines."""
-  totals = collections.defaultdict(lambda: [0.0, 0])
-  for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if "stream" not in line.name.lower():
-          continue
-        for event in line.events:
-          totals[event.name][0] += event.duration_ns
-          totals[event.name][1] += 1
-  return totals
-
-
 def main(argv):
   del argv
   config = common.hyper_config()
@@ -69,26 +50,12 @@ def main(argv):
   if FLAGS.hlo_out:
     Path(FLAGS.hlo_out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.hlo_out).write_text(fn.lower(*args).compile().as_text())
-  trace_dir = tempfile.mkdtemp()
-  t0 = time.perf_counter()
-  with jax.profiler.trace(trace_dir):
-    for _ in range(FLAGS.reps):
-      jax.block_until_ready(fn(*args))
-  wall_ms = (time.perf_counter() - t0) * 1e3 / FLAGS.reps
-  totals = _kernel_times(trace_dir)
-  kernels = sorted(({"name": name, "ms_per_call": ns / FLAGS.reps / 1e6,
-                     "launches_per_call": count / FLAGS.reps}
-                    for name, (ns, count) in totals.items()), key=lambda r: -r["ms_per_call"])
-  gpu_ms = sum(r["ms_per_call"] for r in kernels)
-  meta = provenance.run_meta(n=FLAGS.n, causal=FLAGS.causal, mode=FLAGS.mode, impl=FLAGS.impl,
-                             config=str(config))
-  print(f"{FLAGS.mode} n={FLAGS.n} causal={FLAGS.causal}: kernels {gpu_ms:.2f} ms/call "
-        f"(traced wall {wall_ms:.2f} ms)")
-  for r in kernels[:FLAGS.top]:
-    print(f"{r['ms_per_call']:9.3f} ms {r['launches_per_call']:6.1f}x  {r['name'][:110]}")
+  table = timing.report_kernels(timing.kernel_table(lambda: fn(*args), FLAGS.reps),
+                 f"{FLAGS.mode} n={FLAGS.n} causal={FLAGS.causal}", FLAGS.top)
   if FLAGS.out:
-    provenance.write_results(FLAGS.out, meta, wall_ms_per_call_traced=wall_ms,
-                             kernel_ms_per_call=gpu_ms, kernels=kernels[:FLAGS.top])
+    meta = provenance.run_meta(n=FLAGS.n, causal=FLAGS.causal, mode=FLAGS.mode, impl=FLAGS.impl,
+                               config=str(config))
+    provenance.write_results(FLAGS.out, meta, **table)
 
 
 if __name__ == "__main__":
