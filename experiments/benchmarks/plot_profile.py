@@ -1,5 +1,6 @@
 """Stacked bars of where the GPU time of HyperAttention calls goes, from ``profile_kernels.py``
-JSONs: each call's kernel time grouped by what the kernels do.
+JSONs (or ``bench_generate.py --profile_out``'s): each call's kernel time grouped by what the
+kernels do.
 
   python -m experiments.benchmarks.plot_profile --out=experiments/results/X.png \
       sel12=path/prof_sel12.json paper=path/prof_paper.json
@@ -15,12 +16,13 @@ from pathlib import Path
 from experiments.benchmarks import common
 
 # (group, pattern of the kernel name), first match wins; the rest is "other (XLA glue)".
-_GROUPS = (("cuDNN (exact base case)", r"cudnn"),
+_GROUPS = (("cuDNN attention (exact layers, base case)", r"cudnn"),
            ("level kernels (blocked stage)", r"hyperattn_block_attention"),
            ("run scores (select_blocks)", r"hyperattn_run_scores"),
            ("top-k (XLA, select_blocks)", r"stream_executor::cuda::Run<|topk"),
-           ("sorts", r"[Ss]ort"))
-_OTHER = "other (XLA glue)"
+           ("sorts", r"[Ss]ort"),
+           ("GEMMs (projections, MLP, LSH)", r"nvjet|gemm|cutlass|cublas"))
+_OTHER = "other (XLA fusions, copies)"
 
 
 def grouped_ms(profile: dict) -> dict[str, float]:
