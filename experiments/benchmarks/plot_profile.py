@@ -15,7 +15,7 @@ from pathlib import Path
 
 from experiments.benchmarks import common
 
-# (group, pattern of the kernel name), first match wins; the rest is "other (XLA glue)".
+# (group, pattern of the kernel name), first match wins; the rest is _OTHER.
 _GROUPS = (("cuDNN attention (exact layers, base case)", r"cudnn"),
            ("level kernels (blocked stage)", r"hyperattn_block_attention"),
            ("run scores (select_blocks)", r"hyperattn_run_scores"),

@@ -51,7 +51,7 @@ def main(argv):
     Path(FLAGS.hlo_out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.hlo_out).write_text(fn.lower(*args).compile().as_text())
   table = timing.report_kernels(timing.kernel_table(lambda: fn(*args), FLAGS.reps),
-                 f"{FLAGS.mode} n={FLAGS.n} causal={FLAGS.causal}", FLAGS.top)
+                                f"{FLAGS.mode} n={FLAGS.n} causal={FLAGS.causal}", FLAGS.top)
   if FLAGS.out:
     meta = provenance.run_meta(n=FLAGS.n, causal=FLAGS.causal, mode=FLAGS.mode, impl=FLAGS.impl,
                                config=str(config))

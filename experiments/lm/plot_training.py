@@ -4,7 +4,8 @@
       exact=path/metrics_exact.jsonl hyper=path/metrics_hyper.jsonl
 
 A run continued in a fresh workdir (params imported, see ``params_file``) names its files in
-order, comma-separated: ``hyper=first/metrics.jsonl,continued/metrics.jsonl``. Writes the PNG (train/validation loss vs step, tokens/s) and a JSON summary beside it.
+order, comma-separated: ``hyper=first/metrics.jsonl,continued/metrics.jsonl``. Writes the PNG
+(train/validation loss vs step, tokens/s) and a JSON summary beside it.
 """
 
 import json
