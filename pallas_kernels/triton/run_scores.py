@@ -5,8 +5,9 @@ Each sorted query block scores every run of keys by Quest's bound maxed over its
 heads of the kv head): ``score[b, r] = max_{i in block b} sum_d max(q_id kmax_rd, q_id kmin_rd)``
 ``= max_i ([relu(q_i), min(q_i, 0)] . [kmax_r, kmin_r])``. XLA writes the ``[queries, runs]``
 bound matrix to memory and reduces it (both for every level of a causal call); here a program
-keeps one block's ``[block_q, block_r]`` bound tiles in registers and writes only the
-``block_r`` maxima.
+keeps a running elementwise maximum of its ``[block_q, block_r]`` bound tiles in registers
+(no reduction across the tile's rows, i.e. across warps, per tile) and reduces it over rows
+once, writing only the ``block_r`` maxima.
 
 Grid ``(P * Nkv, block, run chunk)`` with the run chunks fastest (the programs of one query
 block run side by side and read its query rows from L2). Query rows are loaded by index from
@@ -45,13 +46,13 @@ def _scores_kernel(q_ref, perm_ref, kmax_ref, kmin_ref, out_ref, *, kv_heads, gr
     bound = (dot(jnp.maximum(q, zero), kmax, trans_b=True)
              + dot(jnp.minimum(q, zero), kmin, trans_b=True))
     bound = jnp.where((rows >= 0)[:, None], bound, NEG_INF)       # [block_q, block_r]
-    return jnp.maximum(best, jnp.max(bound, axis=0))
+    return jnp.maximum(best, bound)
 
   def group(g, best):
     return lax.fori_loop(0, tiles, functools.partial(tile, g=g), best)
 
-  best = jnp.full((kmax.shape[0],), NEG_INF, jnp.float32)
-  out_ref[...] = lax.fori_loop(0, groups, group, best)
+  best = jnp.full((block_q, kmax.shape[0]), NEG_INF, jnp.float32)
+  out_ref[...] = jnp.max(lax.fori_loop(0, groups, group, best), axis=0)
 
 
 def run_scores_pallas(q, q_perm, kmax, kmin, *, num_blocks: int, q_offset: int,
