@@ -65,7 +65,7 @@ class BlockSizes:
   key_chunks_per_program: int = 2
   flash_fwd: Tiles = Tiles(block_q=128, num_stages=3)
   flash_bwd: Tiles = Tiles()
-  run_scores: Tiles = Tiles()
+  run_scores: Tiles = Tiles(num_stages=3)
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
