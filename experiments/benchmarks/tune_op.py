@@ -115,6 +115,30 @@ def main(argv):
     print(rec, flush=True)
     provenance.write_results(FLAGS.out, meta, records=records, best=best(records))
   print("best:", best(records))
+  plot(records, FLAGS.out.removesuffix(".json") + ".png")
+
+
+def plot(records, path: str) -> None:
+  """Stacked bars of each tiling's kernel time per group (and cuDNN's whole call as a line)."""
+  plt = common.pyplot()
+  rows = [r for r in records if "kernel_ms" in r]
+  labels = [r["field"] if r["tiles"] is None else
+            f"{r['field']}\n" + "x".join(str(v) for v in r["tiles"].values()) for r in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
+  bottom = [0.0] * len(rows)
+  for group in (*_GROUPS, "other"):
+    ms = [r["kernel_ms"].get(group, 0.0) for r in rows]
+    ax.bar(range(len(rows)), ms, bottom=bottom, label=group)
+    bottom = [b + m for b, m in zip(bottom, ms)]
+  ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+  ax.set_ylabel("GPU kernel ms per call")
+  cudnn = next((r["median_ms"] for r in records if r["impl"] == "cudnn" and "median_ms" in r),
+               None)
+  ax.set_title(f"hyper_attention tilings (cuDNN: {cudnn:.1f} ms)" if cudnn else
+               "hyper_attention tilings")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 def best(records) -> dict:
