@@ -41,6 +41,8 @@ flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + ch
                     "HyperAttention flags given; "
                     "default: a randomly initialised model of the flags below.")
 flags.DEFINE_list("prompt_lens", ["32768", "65536", "131072"], "Prompt lengths.")
+flags.DEFINE_list("attentions", ["exact", "hyper"], "Which of the two models to run: exact "
+                  "attention in every layer, HyperAttention in all layers but the first.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens decoded per run.")
 flags.DEFINE_integer("reps", 3, "Runs per (prompt length, attention).")
 flags.DEFINE_integer("seed", 0, "Seed of the prompts, the random params and the draws.")
@@ -78,10 +80,12 @@ def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
 
 
 def _variants(cfg: model_lib.TransformerConfig) -> dict[str, model_lib.TransformerConfig]:
-  """Exact attention in every layer; HyperAttention in all layers but the first."""
-  return {"exact": dataclasses.replace(cfg, attention="exact"),
-          "hyper": dataclasses.replace(cfg, attention="hyper",
-                                       hyper_last_layers=cfg.num_layers - 1)}
+  """Of ``--attentions``: exact attention in every layer; HyperAttention in all layers but the
+  first."""
+  variants = {"exact": dataclasses.replace(cfg, attention="exact"),
+              "hyper": dataclasses.replace(cfg, attention="hyper",
+                                           hyper_last_layers=cfg.num_layers - 1)}
+  return {name: variants[name] for name in FLAGS.attentions}
 
 
 def _prompt(seed: int, n: int) -> np.ndarray:
@@ -111,10 +115,11 @@ def bench(params, cfg: model_lib.TransformerConfig, prompt_lens, max_new_tokens:
   for n in prompt_lens:
     prompt = _prompt(seed, n)
     for name, variant in _variants(cfg).items():
-      # Run 0 warms up (first executions of the compiled programs, allocations): not timed.
-      runs = [generate_lib.generate(params, variant, prompt, max_new_tokens,
-                                    rng=jax.random.key(seed + rep), eos_id=None)
-              for rep in range(reps + 1)][1:]
+      # Run 0 compiles and warms up (first executions of the compiled programs, allocations):
+      # only its compile times are kept.
+      warmup, *runs = [generate_lib.generate(params, variant, prompt, max_new_tokens,
+                                             rng=jax.random.key(seed + rep), eos_id=None)
+                       for rep in range(reps + 1)]
       ttft = [r.time_to_first_token_s * 1e3 for r in runs]
       tok_s = [r.decode_tokens_per_s for r in runs]
       rows.append({"prompt_len": n, "attention": name,
@@ -122,10 +127,11 @@ def bench(params, cfg: model_lib.TransformerConfig, prompt_lens, max_new_tokens:
                    "time_to_first_token_ms": statistics.median(ttft),
                    "decode_tokens_per_s": statistics.median(tok_s),
                    "time_to_first_token_ms_runs": ttft, "decode_tokens_per_s_runs": tok_s,
-                   "prefill_compile_s": runs[0].prefill_compile_s,
-                   "decode_compile_s": runs[0].decode_compile_s})
+                   "prefill_compile_s": warmup.prefill_compile_s,
+                   "decode_compile_s": warmup.decode_compile_s})
       print(f"n={n:>7} {name:>5}: first token {rows[-1]['time_to_first_token_ms']:9.1f} ms, "
-            f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s", flush=True)
+            f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (compiled in "
+            f"{warmup.prefill_compile_s:.1f} + {warmup.decode_compile_s:.1f} s)", flush=True)
   return rows
 
 
@@ -133,6 +139,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   prompt_lens = [int(n) for n in FLAGS.prompt_lens]
+  if not FLAGS.attentions or set(FLAGS.attentions) - {"exact", "hyper"}:
+    raise app.UsageError(f"--attentions: expected a list of exact/hyper, got {FLAGS.attentions}")
   if FLAGS.max_new_tokens < 2 or FLAGS.reps < 1 or min(prompt_lens) < 1:
     raise app.UsageError("--max_new_tokens must be >= 2 (decode steps to time), --reps >= 1, "
                          "--prompt_lens positive")

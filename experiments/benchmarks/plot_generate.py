@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from experiments.benchmarks import common
@@ -30,6 +31,13 @@ def plot(paths: list[str], out: str) -> None:
   for ax, path in zip(axes[0], paths):
     meta, by, lens = _rows(path)
     layers = meta.get("model", {}).get("num_layers", "?")
+    # The option that sets a hyper layer's cost: HyperAttentionConfig's select_blocks (records
+    # from before the option hold the paper's settings).
+    hyper_config = meta.get("model", {}).get("hyper")
+    select = re.search(r"select_blocks=(\d+)", hyper_config or "")
+    option = ("?" if hyper_config is None else
+              f"select_blocks={select.group(1)}" if select and select.group(1) != "0" else
+              "paper settings")
     xs = range(len(lens))
     exact = [by[(n, "exact")]["time_to_first_token_ms"] for n in lens]
     hyper = [by[(n, "hyper")]["time_to_first_token_ms"] for n in lens]
@@ -40,10 +48,11 @@ def plot(paths: list[str], out: str) -> None:
     ax.set_xticks(list(xs), [str(n) for n in lens])
     ax.set_xlabel("prompt length")
     ax.set_ylabel("time to first token (ms)")
-    ax.set_title(f"{layers} layers, {meta.get('device', '')}, {meta.get('date', '')}", fontsize=10)
+    ax.set_title(f"{layers} layers, hyper: {option}\n{meta.get('device', '')}, "
+                 f"{meta.get('date', '')}", fontsize=10)
     ax.legend(fontsize=8)
     for n, e, h in zip(lens, exact, hyper):
-      print(f"| {layers} layers | {n} | {e:.1f} | {h:.1f} | {e / h:.2f}x | "
+      print(f"| {layers} layers, {option} | {n} | {e:.1f} | {h:.1f} | {e / h:.2f}x | "
             f"{by[(n, 'exact')]['decode_tokens_per_s']:.0f} / "
             f"{by[(n, 'hyper')]['decode_tokens_per_s']:.0f} |")
   fig.tight_layout()
