@@ -38,6 +38,10 @@ def plot(paths: list[str], out: str) -> None:
     option = ("?" if hyper_config is None else
               f"select_blocks={select.group(1)}" if select and select.group(1) != "0" else
               "paper settings")
+    missing = [key for key in ((n, a) for n in lens for a in ("exact", "hyper")) if key not in by]
+    if missing:
+      raise SystemExit(f"{path}: no row for (prompt_len, attention) {missing}: plot_generate "
+                       "compares both models (bench_generate's default --attentions)")
     xs = range(len(lens))
     exact = [by[(n, "exact")]["time_to_first_token_ms"] for n in lens]
     hyper = [by[(n, "hyper")]["time_to_first_token_ms"] for n in lens]
