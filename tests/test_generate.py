@@ -1,5 +1,6 @@
 """KV-cache decoding (linen HyperAttention ``decode=True``) and the LM example's generation."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,10 +36,12 @@ def _tokens(seed, shape):
   return jax.random.randint(jax.random.key(seed), shape, 0, 256, jnp.int32)
 
 
-def test_cached_decoding_equals_full_prefix(seed):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_decoding_equals_full_prefix(seed, scan_layers):
   """Prefill + one-token steps give the logits of re-running the whole prefix (exact, fp32,
-  GQA), also after a second prefill over a cache still holding a longer sequence."""
-  model, params = _model_and_params(_tiny(), seed)
+  GQA), also after a second prefill over a cache still holding a longer sequence; with the
+  layers after the first scanned too (their cache stacked)."""
+  model, params = _model_and_params(_tiny(num_layers=3, scan_layers=scan_layers), seed)
   call = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, decode=True,
                                              mutable=["cache"]))
   full = jax.jit(lambda p, t: model.apply({"params": p}, t))
@@ -53,8 +56,49 @@ def test_cached_decoding_equals_full_prefix(seed):
       logits, cache = call(params, cache, tokens[:, i:i + 1])
       cache = cache["cache"]
       np.testing.assert_allclose(logits[:, 0], expected[:, i], rtol=1e-5, atol=1e-5)
-    for layer in ("layer_0", "layer_1"):
-      assert int(cache[layer]["attention"]["cache_index"]) == 20
+    layers = model_lib.per_layer(cache)
+    assert sorted(layers) == ["layer_0", "layer_1", "layer_2"]
+    for layer in layers.values():
+      assert int(layer["attention"]["cache_index"]) == 20
+
+
+@pytest.mark.parametrize("attention", ["exact", "hyper"])
+def test_scanned_layers_equal_unrolled_layers(seed, attention):
+  """``scan_layers``: the same logits and per-layer intermediates as the unrolled model with the
+  same parameters stacked (fp32). In hyper mode (seq 48 > min_seq_len, all layers but the
+  first) the draws differ per layer in both, so only exact mode is compared value by value;
+  hyper mode must run, be finite and differ from exact."""
+  cfg = _tiny(num_layers=3, attention=attention, hyper_last_layers=2)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  model, params = _model_and_params(cfg, seed)
+  scanned = model_lib.Transformer(scanned_cfg)
+  shapes = jax.eval_shape(scanned.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  stacked = {**{k: v for k, v in params.items() if k != "layer_1" and k != "layer_2"},
+             "layers": {"block": jax.tree.map(lambda *x: jnp.stack(x), params["layer_1"],
+                                              params["layer_2"])}}
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(lambda s: s.shape, shapes["params"])
+  assert model_lib.per_layer(stacked).keys() == {"layer_0", "layer_1", "layer_2"}
+  tokens = _tokens(seed + 1, (2, 48))
+  rngs = {"hyper": jax.random.key(seed + 2)}
+  run = lambda m, p: m.apply({"params": p}, tokens, rngs=rngs, mutable=["intermediates"])
+  (want, want_inter), (got, got_inter) = run(model, params), run(scanned, stacked)
+  if attention == "exact":
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got_layers = model_lib.per_layer(got_inter["intermediates"])
+    for name, layer in model_lib.per_layer(want_inter["intermediates"]).items():
+      for a, b in zip(layer["attention"]["qkv"][0], got_layers[name]["attention"]["qkv"][0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  else:
+    exact = model_lib.Transformer(dataclasses.replace(scanned_cfg, attention="exact"))
+    assert np.all(np.isfinite(got))
+    assert not np.allclose(got, exact.apply({"params": stacked}, tokens), atol=1e-3)
+
+
+def test_scanned_layers_need_one_mode():
+  """The scanned layers share one body: a mode split among them is refused."""
+  with pytest.raises(ValueError, match="scan_layers needs the layers after the first"):
+    _tiny(num_layers=3, attention="hyper", hyper_last_layers=1, scan_layers=True)
+  _tiny(num_layers=3, attention="hyper", hyper_last_layers=-1, scan_layers=True)
 
 
 def test_hyper_prefill_equals_uncached_layer(seed):

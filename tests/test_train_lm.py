@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+from jax.tree_util import DictKey
 
 from experiments.lm import data as data_lib
 from experiments.lm import eval_lm
@@ -47,6 +50,25 @@ def test_loss_falls_and_eval_patching_runs(tmp_path):
   rows = eval_lm.run(str(tmp_path), timing_reps=1)
   assert [r["patched_layers"] for r in rows] == [0, 1, 2]
   assert all(np.isfinite(r["loss"]) and r["checkpoint_step"] == 40 for r in rows)
+
+
+def test_scanned_layers_train_shard_and_patch(tmp_path):
+  """``model.scan_layers``: trains (FSDP on, the stacked layer axis left whole), evaluates the
+  patch counts its one scanned mode allows, and refuses the others by name."""
+  config = micro_config(num_steps=4, eval_every=4, fsdp=True)
+  config.model.update(num_layers=3, scan_layers=True)
+  metrics = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["valid_loss"])
+  assert all(np.isfinite(v) for v in _train_losses(tmp_path).values())
+  rows = eval_lm.run(str(tmp_path), timing_reps=1)
+  assert [r["patched_layers"] for r in rows] == [0, 2, 3]
+  with pytest.raises(ValueError, match="scan_layers"):
+    eval_lm.run(str(tmp_path), patch_last_layers=1, timing_reps=1)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  spec = train_lib._param_sharding(mesh, fsdp=True)  # pylint: disable=protected-access
+  x = jax.ShapeDtypeStruct((2, 32, 64), np.float32)
+  assert spec((DictKey("layers"), DictKey("block")), x).spec == P(None, "data")
+  assert spec((DictKey("layer_0"),), x).spec == P("data")
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path):

@@ -56,6 +56,8 @@ flags.DEFINE_integer("num_heads", 8, "Query heads.")
 flags.DEFINE_integer("num_kv_heads", 4, "Key/value heads.")
 flags.DEFINE_integer("head_dim", 64, "Head width.")
 flags.DEFINE_integer("mlp_dim", 1536, "SwiGLU width.")
+flags.DEFINE_bool("scan_layers", False, "The layers after the first as one nn.scan (compiled "
+                  "once; TransformerConfig.scan_layers).")
 common.define_dtype_flag("Compute dtype.")
 common.define_hyper_flags()
 flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
@@ -66,7 +68,8 @@ def _random_model() -> tuple[dict, model_lib.TransformerConfig]:
   cfg = model_lib.TransformerConfig(
       vocab_size=data_lib.VOCAB_SIZE, num_layers=FLAGS.num_layers, d_model=FLAGS.d_model,
       num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads, head_dim=FLAGS.head_dim,
-      mlp_dim=FLAGS.mlp_dim, dtype=jnp.dtype(FLAGS.dtype), hyper=common.hyper_config())
+      mlp_dim=FLAGS.mlp_dim, dtype=jnp.dtype(FLAGS.dtype), hyper=common.hyper_config(),
+      scan_layers=FLAGS.scan_layers)
   init = jax.jit(model_lib.Transformer(cfg).init)
   return init(jax.random.key(FLAGS.seed), jnp.zeros((1, 8), jnp.int32))["params"], cfg
 

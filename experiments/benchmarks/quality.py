@@ -76,7 +76,7 @@ def checkpoint_layers(workdir: str, seq_len: int):
   tokens = next(data_lib.eval_batches(corpus.valid, 1, seq_len, 1))[:, :-1]
   model = model_lib.Transformer(train_lib.model_config(config, attention="exact"))
   _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
-  inter = state["intermediates"]
+  inter = model_lib.per_layer(state["intermediates"])
   return {name: tuple(x.astype(jnp.float32) for x in inter[name]["attention"]["qkv"][0])
           for name in sorted(inter, key=lambda s: int(s.split("_")[-1]))}
 

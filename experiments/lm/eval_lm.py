@@ -45,7 +45,11 @@ def run(workdir: str, patch_last_layers=None, seq_len=None, eval_batches=None,
   batch_sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   num_layers = config.model.num_layers
-  layers = range(num_layers + 1) if patch_last_layers is None else [patch_last_layers]
+  # A scanned model's layers after the first share one mode: none, all but the first, or all.
+  scanned = bool(config.model.get("scan_layers", False))
+  layers = ([n for n in range(num_layers + 1)
+             if not scanned or n in (0, num_layers - 1, num_layers)]
+            if patch_last_layers is None else [patch_last_layers])
   if any(not 0 <= n <= num_layers for n in layers):
     raise ValueError(f"--patch_last_layers must be in [0, {num_layers}], got {patch_last_layers}")
   prompt = next(data_lib.eval_batches(corpus.valid, 1, config.seq_len, 1))[:, :-1]

@@ -2,7 +2,8 @@
 
 The parameters do not depend on which layers use HyperAttention, so a checkpoint trained with
 exact attention can be evaluated with any number of its last layers switched to HyperAttention
-(the paper's patching experiment) and vice versa.
+(the paper's patching experiment) and vice versa; with ``scan_layers`` (stacked parameters),
+in the modes that keep the layers after the first alike.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import optax
 
 from hyperattn_jax import HyperAttention, HyperAttentionConfig
 
-__all__ = ["TransformerConfig", "Transformer", "attention_modes", "loss_fn"]
+__all__ = ["TransformerConfig", "Transformer", "attention_modes", "per_layer", "loss_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,12 @@ class TransformerConfig:
 
   ``attention`` is the mode of the last ``hyper_last_layers`` layers (all layers when it is
   negative); the layers before them use exact attention.
+
+  ``scan_layers``: the layers after the first run as one ``nn.scan`` (one compiled layer
+  instead of one per layer: a deep model's compile time); their parameters, cache and
+  intermediates are stacked under ``layers`` with a leading axis of ``num_layers - 1``
+  (:func:`per_layer` splits them). Those layers must share one attention mode, e.g.
+  HyperAttention in all layers but the first.
   """
   vocab_size: int
   num_layers: int = 4
@@ -41,6 +48,14 @@ class TransformerConfig:
   rope_base: float = 10000.0
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    modes = attention_modes(self)
+    if self.scan_layers and len(set(modes[1:])) > 1:
+      raise ValueError(f"TransformerConfig.scan_layers needs the layers after the first to share "
+                       f"one attention mode, got {modes} (attention={self.attention!r}, "
+                       f"hyper_last_layers={self.hyper_last_layers})")
 
 
 def attention_modes(cfg: TransformerConfig) -> tuple[str, ...]:
@@ -81,6 +96,28 @@ class Block(nn.Module):
     return x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
 
 
+class _ScanBody(nn.Module):
+  """One :class:`Block` as ``nn.scan``'s body: ``(x, None) -> (x, None)``."""
+  cfg: TransformerConfig
+  mode: str
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Block(self.cfg, self.mode, self.decode, name="block")(x), None
+
+
+def per_layer(tree: dict) -> dict:
+  """A Transformer's params, cache or intermediates as ``{"layer_i": subtree}`` for every layer
+  (``scan_layers``' stacked ``layers`` split along their leading axis)."""
+  out = {name: sub for name, sub in tree.items() if name.startswith("layer_")}
+  if "layers" in tree:
+    stacked = tree["layers"]["block"]
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+      out[f"layer_{i + 1}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
+
+
 class Transformer(nn.Module):
   """tokens ``[batch, seq]`` int -> logits ``[batch, seq, vocab_size]`` float32.
 
@@ -95,8 +132,15 @@ class Transformer(nn.Module):
     cfg = self.cfg
     x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  name="embed")(tokens)
-    for i, mode in enumerate(attention_modes(cfg)):
-      x = Block(cfg, mode, decode, name=f"layer_{i}")(x)
+    modes = attention_modes(cfg)
+    if cfg.scan_layers and cfg.num_layers > 1:
+      x = Block(cfg, modes[0], decode, name="layer_0")(x)
+      layers = nn.scan(_ScanBody, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                       split_rngs={"params": True, "hyper": True}, length=cfg.num_layers - 1)
+      x, _ = layers(cfg, modes[1], decode, name="layers")(x, None)
+    else:
+      for i, mode in enumerate(modes):
+        x = Block(cfg, mode, decode, name=f"layer_{i}")(x)
     x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, name="lm_head")(x)

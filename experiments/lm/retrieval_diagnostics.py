@@ -36,7 +36,7 @@ def _layer_qkv(params, cfg: model_lib.TransformerConfig, tokens):
   model = model_lib.Transformer(cfg)
   _, state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))(
       params, tokens)
-  inter = state["intermediates"]
+  inter = model_lib.per_layer(state["intermediates"])
   names = sorted(inter, key=lambda s: int(s.split("_")[-1]))
   return [tuple(x.astype(jnp.float32) for x in inter[n]["attention"]["qkv"][0]) for n in names]
 

@@ -138,13 +138,15 @@ def _optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
 
 
 def _param_sharding(mesh: Mesh, fsdp: bool):
-  """Replicated, or (FSDP) each array split on its first axis divisible by the mesh size."""
+  """Replicated, or (FSDP) each array split on its first axis divisible by the mesh size (past
+  the layer axis of ``scan_layers``' stacked ``layers``, which the scan steps through)."""
   size = mesh.devices.size
 
-  def spec(x):
+  def spec(path, x):
+    stacked = any(getattr(key, "key", None) == "layers" for key in path)
     if fsdp:
       for axis, dim in enumerate(x.shape):
-        if dim % size == 0 and dim >= size:
+        if dim % size == 0 and dim >= size and not (stacked and axis == 0):
           return NamedSharding(mesh, P(*([None] * axis + ["data"])))
     return NamedSharding(mesh, P())
   return spec
@@ -161,7 +163,7 @@ def create_state(config, cfg: model_lib.TransformerConfig, mesh: Mesh):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   shapes = jax.eval_shape(init)
-  shardings = jax.tree.map(_param_sharding(mesh, config.fsdp), shapes)
+  shardings = jax.tree_util.tree_map_with_path(_param_sharding(mesh, config.fsdp), shapes)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 

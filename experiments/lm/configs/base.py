@@ -27,9 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
       block_size=256, sample_size=256, lsh_num_projs=7, min_seq_len=4096, sink_size=0,
       local_window=0, select_blocks=0, select_block_size=64))
 
+  # scan_layers: the layers after the first as one nn.scan (compiled once; stacked params).
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
-      dtype="bfloat16"))
+      dtype="bfloat16", scan_layers=False))
   c.rope_base = 10000.0
 
   c.data = ml_collections.ConfigDict()
