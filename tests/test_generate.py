@@ -73,11 +73,13 @@ def test_scanned_layers_equal_unrolled_layers(seed, attention):
   model, params = _model_and_params(cfg, seed)
   scanned = model_lib.Transformer(scanned_cfg)
   shapes = jax.eval_shape(scanned.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  stacked = {**{k: v for k, v in params.items() if k != "layer_1" and k != "layer_2"},
-             "layers": {"block": jax.tree.map(lambda *x: jnp.stack(x), params["layer_1"],
-                                              params["layer_2"])}}
+  stacked = model_lib.stack_layers(params)
   assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(lambda s: s.shape, shapes["params"])
-  assert model_lib.per_layer(stacked).keys() == {"layer_0", "layer_1", "layer_2"}
+  split = model_lib.per_layer(stacked)
+  assert jax.tree.all(jax.tree.map(np.array_equal, split,
+                                   {k: v for k, v in params.items() if k.startswith("layer_")}))
+  with pytest.raises(ValueError, match="expected an unrolled model"):
+    model_lib.stack_layers(stacked)
   tokens = _tokens(seed + 1, (2, 48))
   rngs = {"hyper": jax.random.key(seed + 2)}
   run = lambda m, p: m.apply({"params": p}, tokens, rngs=rngs, mutable=["intermediates"])

@@ -57,7 +57,8 @@ flags.DEFINE_integer("num_kv_heads", 4, "Key/value heads.")
 flags.DEFINE_integer("head_dim", 64, "Head width.")
 flags.DEFINE_integer("mlp_dim", 1536, "SwiGLU width.")
 flags.DEFINE_bool("scan_layers", False, "The layers after the first as one nn.scan (compiled "
-                  "once; TransformerConfig.scan_layers).")
+                  "once; TransformerConfig.scan_layers); an unrolled --workdir checkpoint's "
+                  "params are stacked for it.")
 common.define_dtype_flag("Compute dtype.")
 common.define_hyper_flags()
 flags.adopt_module_key_flags(common)  # --help lists them with this script's flags
@@ -79,6 +80,8 @@ def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
   from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
   config, params, _ = train_lib.restore_run(workdir)
   cfg = train_lib.model_config(config)
+  if FLAGS.scan_layers and not cfg.scan_layers and cfg.num_layers > 1:
+    params, cfg = model_lib.stack_layers(params), dataclasses.replace(cfg, scan_layers=True)
   return params, dataclasses.replace(cfg, hyper=common.hyper_config(cfg.hyper))
 
 

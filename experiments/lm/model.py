@@ -18,7 +18,8 @@ import optax
 
 from hyperattn_jax import HyperAttention, HyperAttentionConfig
 
-__all__ = ["TransformerConfig", "Transformer", "attention_modes", "per_layer", "loss_fn"]
+__all__ = ["TransformerConfig", "Transformer", "attention_modes", "per_layer", "stack_layers",
+           "loss_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,19 @@ def per_layer(tree: dict) -> dict:
     for i in range(jax.tree.leaves(stacked)[0].shape[0]):
       out[f"layer_{i + 1}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return out
+
+
+def stack_layers(params: dict) -> dict:
+  """An unrolled Transformer's params (``layer_0`` .. ``layer_{L-1}``) in the structure of
+  ``scan_layers`` (``layer_1`` on stacked under ``layers``); the inverse of :func:`per_layer`."""
+  names = sorted((name for name in params if name.startswith("layer_")),
+                 key=lambda name: int(name.split("_")[-1]))
+  if len(names) < 2 or "layers" in params:
+    raise ValueError(f"params: expected an unrolled model of >= 2 layers (layer_0, layer_1, "
+                     f"...), got {sorted(params)}")
+  rest = {name: sub for name, sub in params.items() if name not in names[1:]}
+  return {**rest, "layers": {"block": jax.tree.map(lambda *x: jnp.stack(x),
+                                                   *(params[name] for name in names[1:]))}}
 
 
 class Transformer(nn.Module):
