@@ -96,6 +96,23 @@ def test_scanned_layers_equal_unrolled_layers(seed, attention):
     assert not np.allclose(got, exact.apply({"params": stacked}, tokens), atol=1e-3)
 
 
+def test_generation_with_scanned_layers_keeps_the_tokens(seed):
+  """``with_scanned_layers`` on an unrolled model's params (exact, greedy): the same tokens; a
+  scanned or one-layer model is returned as it is."""
+  cfg = _tiny(num_layers=3)
+  _, params = _model_and_params(cfg, seed)
+  scanned_params, scanned_cfg = model_lib.with_scanned_layers(params, cfg)
+  assert scanned_cfg.scan_layers and "layers" in scanned_params
+  assert model_lib.with_scanned_layers(scanned_params, scanned_cfg)[0] is scanned_params
+  one = _tiny(num_layers=1)
+  kept_params, kept_cfg = model_lib.with_scanned_layers(params, one)
+  assert kept_params is params and kept_cfg is one
+  prompt = np.asarray(_tokens(seed + 1, (1, 12)))
+  run = lambda p, c: generate_lib.generate(p, c, prompt, 6, rng=jax.random.key(0),
+                                           eos_id=None, progress=False).tokens
+  np.testing.assert_array_equal(run(scanned_params, scanned_cfg), run(params, cfg))
+
+
 def test_scanned_layers_need_one_mode():
   """The scanned layers share one body: a mode split among them is refused."""
   with pytest.raises(ValueError, match="scan_layers needs the layers after the first"):

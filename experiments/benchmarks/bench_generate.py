@@ -80,8 +80,8 @@ def _checkpoint(workdir: str) -> tuple[dict, model_lib.TransformerConfig]:
   from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
   config, params, _ = train_lib.restore_run(workdir)
   cfg = train_lib.model_config(config)
-  if FLAGS.scan_layers and not cfg.scan_layers and cfg.num_layers > 1:
-    params, cfg = model_lib.stack_layers(params), dataclasses.replace(cfg, scan_layers=True)
+  if FLAGS.scan_layers:
+    params, cfg = model_lib.with_scanned_layers(params, cfg)
   return params, dataclasses.replace(cfg, hyper=common.hyper_config(cfg.hyper))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from experiments import provenance
 from experiments.lm import data as data_lib
 from experiments.lm import generate as generate_lib
+from experiments.lm import model as model_lib
 from experiments.lm import train as train_lib
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).",
@@ -34,6 +35,8 @@ flags.DEFINE_integer("seq_len", None, "Cache length (prompt + new tokens; defaul
                      "A longer prompt keeps its last seq_len - max_new_tokens bytes.")
 flags.DEFINE_integer("hyper_last_layers", None, "Prefill the last L layers with HyperAttention "
                      "(default: the training config's attention).")
+flags.DEFINE_bool("scan_layers", False, "Run the layers after the first as one nn.scan (compiled "
+                  "once; an unrolled checkpoint's params are stacked for it).")
 flags.DEFINE_string("out", None, "Optional JSON path: tokens, text, timings.")
 FLAGS = flags.FLAGS
 
@@ -48,7 +51,7 @@ def read_prompt(path: str, max_len: int | None) -> np.ndarray:
 
 
 def run(workdir, prompt_file, max_new_tokens, temperature=0.0, top_k=0, seed=0, seq_len=None,
-        hyper_last_layers=None, progress=True):
+        hyper_last_layers=None, progress=True, scan_layers=False):
   """(text, :class:`generate_lib.Generation`, prompt length) of the checkpoint in ``workdir``."""
   if seq_len is not None and seq_len <= max_new_tokens:
     raise ValueError(f"--seq_len ({seq_len}) must exceed --max_new_tokens ({max_new_tokens})")
@@ -56,6 +59,8 @@ def run(workdir, prompt_file, max_new_tokens, temperature=0.0, top_k=0, seed=0, 
   overrides = ({} if hyper_last_layers is None else
                {"attention": "hyper", "hyper_last_layers": hyper_last_layers})
   cfg = train_lib.model_config(config, **overrides)
+  if scan_layers:
+    params, cfg = model_lib.with_scanned_layers(params, cfg)
   prompt = read_prompt(prompt_file, None if seq_len is None else seq_len - max_new_tokens)
   result = generate_lib.generate(params, cfg, prompt, max_new_tokens, rng=jax.random.key(seed),
                                  temperature=temperature, top_k=top_k, max_len=seq_len,
@@ -70,7 +75,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   text, result, prompt_len = run(FLAGS.workdir, FLAGS.prompt_file, FLAGS.max_new_tokens,
                                  FLAGS.temperature, FLAGS.top_k, FLAGS.seed, FLAGS.seq_len,
-                                 FLAGS.hyper_last_layers)
+                                 FLAGS.hyper_last_layers, scan_layers=FLAGS.scan_layers)
   print(text, flush=True)
   timings = {"prompt_len": prompt_len, "new_tokens": int(result.tokens.shape[1]),
              "time_to_first_token_s": result.time_to_first_token_s,

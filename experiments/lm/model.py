@@ -19,7 +19,7 @@ import optax
 from hyperattn_jax import HyperAttention, HyperAttentionConfig
 
 __all__ = ["TransformerConfig", "Transformer", "attention_modes", "per_layer", "stack_layers",
-           "loss_fn"]
+           "with_scanned_layers", "loss_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,14 @@ def stack_layers(params: dict) -> dict:
   rest = {name: sub for name, sub in params.items() if name not in names[1:]}
   return {**rest, "layers": {"block": jax.tree.map(lambda *x: jnp.stack(x),
                                                    *(params[name] for name in names[1:]))}}
+
+
+def with_scanned_layers(params: dict, cfg: TransformerConfig) -> tuple[dict, TransformerConfig]:
+  """``(params, cfg)`` with ``scan_layers`` on: an unrolled model's params stacked
+  (:func:`stack_layers`); a scanned or one-layer model as it is."""
+  if cfg.scan_layers or cfg.num_layers < 2:
+    return params, cfg
+  return stack_layers(params), dataclasses.replace(cfg, scan_layers=True)
 
 
 class Transformer(nn.Module):
