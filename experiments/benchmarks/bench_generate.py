@@ -49,6 +49,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the prompts, the random params and the 
 flags.DEFINE_string("profile_out", None, "Also trace one more prefill per attention at the "
                     "longest prompt: per-kernel GPU time (profile_kernels' JSON) written to "
                     "PROFILE_OUT_exact.json and PROFILE_OUT_hyper.json.")
+flags.DEFINE_integer("profile_new_tokens", 1, "Tokens generated in the traced call: 1 = the "
+                     "prefill alone; more adds that many - 1 decode steps (their kernels' "
+                     "launches count the steps). At most --max_new_tokens.")
 # The random model (default: experiments/lm/configs/long_32k.py's); unused with --workdir.
 flags.DEFINE_integer("num_layers", 4, "Layers.")
 flags.DEFINE_integer("d_model", 512, "Model width.")
@@ -99,17 +102,18 @@ def _prompt(seed: int, n: int) -> np.ndarray:
 
 
 def profile(params, cfg: model_lib.TransformerConfig, n: int, max_new_tokens: int, seed: int,
-            out: str) -> None:
-  """Per-kernel GPU time of one prefill of an ``n``-token prompt per attention (after the
-  benchmark's runs, with their cache length: compiled and warm), written to
-  ``{out}_{attention}.json``."""
+            out: str, new_tokens: int) -> None:
+  """Per-kernel GPU time of one generation of ``new_tokens`` after an ``n``-token prompt per
+  attention (1: the prefill alone; after the benchmark's runs, with their cache length:
+  compiled and warm), written to ``{out}_{attention}.json``."""
   for name, variant in _variants(cfg).items():
     run = lambda variant=variant: generate_lib.generate(
-        params, variant, _prompt(seed, n), 1, rng=jax.random.key(seed),
+        params, variant, _prompt(seed, n), new_tokens, rng=jax.random.key(seed),
         max_len=n + max_new_tokens, eos_id=None).tokens
-    table = timing.report_kernels(timing.kernel_table(run, reps=1), f"prefill n={n} {name}",
+    table = timing.report_kernels(timing.kernel_table(run, reps=1),
+                                  f"prefill n={n} + {new_tokens - 1} decode steps, {name}",
                                   top=40)
-    meta = provenance.run_meta(prompt_len=n, attention=name,
+    meta = provenance.run_meta(prompt_len=n, attention=name, new_tokens=new_tokens,
                                modes=list(model_lib.attention_modes(variant)))
     provenance.write_results(f"{out}_{name}.json", meta, **table)
 
@@ -150,6 +154,9 @@ def main(argv):
   if FLAGS.max_new_tokens < 2 or FLAGS.reps < 1 or min(prompt_lens) < 1:
     raise app.UsageError("--max_new_tokens must be >= 2 (decode steps to time), --reps >= 1, "
                          "--prompt_lens positive")
+  if not 1 <= FLAGS.profile_new_tokens <= FLAGS.max_new_tokens:
+    raise app.UsageError(f"--profile_new_tokens must be in [1, --max_new_tokens="
+                         f"{FLAGS.max_new_tokens}], got {FLAGS.profile_new_tokens}")
   params, cfg = _checkpoint(FLAGS.workdir) if FLAGS.workdir else _random_model()
   rows = bench(params, cfg, prompt_lens, FLAGS.max_new_tokens, FLAGS.reps, FLAGS.seed)
   model = {f.name: str(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
@@ -158,7 +165,8 @@ def main(argv):
   provenance.write_results(FLAGS.out, meta, rows=rows)
   print(f"wrote {FLAGS.out}")
   if FLAGS.profile_out:
-    profile(params, cfg, max(prompt_lens), FLAGS.max_new_tokens, FLAGS.seed, FLAGS.profile_out)
+    profile(params, cfg, max(prompt_lens), FLAGS.max_new_tokens, FLAGS.seed, FLAGS.profile_out,
+            FLAGS.profile_new_tokens)
 
 
 if __name__ == "__main__":
