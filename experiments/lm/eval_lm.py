@@ -45,10 +45,11 @@ def run(workdir: str, patch_last_layers=None, seq_len=None, eval_batches=None,
   batch_sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
   corpus = data_lib.load_corpus(config.data.path, config.data.valid_fraction)
   num_layers = config.model.num_layers
-  # A scanned model's layers after the first share one mode: none, all but the first, or all.
+  # A scanned model patches only the counts its one scanned body allows.
   scanned = bool(config.model.get("scan_layers", False))
-  layers = ([n for n in range(num_layers + 1)
-             if not scanned or n in (0, num_layers - 1, num_layers)]
+  modes = lambda n: model_lib.attention_modes(train_lib.model_config(
+      config, attention="hyper", hyper_last_layers=n, scan_layers=False))
+  layers = ([n for n in range(num_layers + 1) if not scanned or model_lib.scannable(modes(n))]
             if patch_last_layers is None else [patch_last_layers])
   if any(not 0 <= n <= num_layers for n in layers):
     raise ValueError(f"--patch_last_layers must be in [0, {num_layers}], got {patch_last_layers}")

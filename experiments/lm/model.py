@@ -18,8 +18,8 @@ import optax
 
 from hyperattn_jax import HyperAttention, HyperAttentionConfig
 
-__all__ = ["TransformerConfig", "Transformer", "attention_modes", "per_layer", "stack_layers",
-           "with_scanned_layers", "loss_fn"]
+__all__ = ["TransformerConfig", "Transformer", "attention_modes", "scannable", "per_layer",
+           "stack_layers", "with_scanned_layers", "loss_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TransformerConfig:
 
   def __post_init__(self):
     modes = attention_modes(self)
-    if self.scan_layers and len(set(modes[1:])) > 1:
+    if self.scan_layers and not scannable(modes):
       raise ValueError(f"TransformerConfig.scan_layers needs the layers after the first to share "
                        f"one attention mode, got {modes} (attention={self.attention!r}, "
                        f"hyper_last_layers={self.hyper_last_layers})")
@@ -65,6 +65,12 @@ def attention_modes(cfg: TransformerConfig) -> tuple[str, ...]:
   first_hyper = cfg.num_layers - min(patched, cfg.num_layers)
   return tuple("hyper" if cfg.attention == "hyper" and i >= first_hyper else "exact"
                for i in range(cfg.num_layers))
+
+
+def scannable(modes: tuple[str, ...]) -> bool:
+  """Whether layers of these modes can run with ``scan_layers``: those after the first share
+  one mode (one scanned body)."""
+  return len(set(modes[1:])) <= 1
 
 
 class SwiGLU(nn.Module):
